@@ -1,0 +1,281 @@
+"""Typed, validated configuration for every stage of the pipeline.
+
+One flat model per concern (Karlo style: each stage has a `net`/`unet` part and a
+`diffusion` part). Every model forbids unknown keys so that a typo in a YAML file is an
+error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem, phrased as one sentence."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+class DiffusionConfig(_Strict):
+    """The Gaussian process of one model; networks never see any of this."""
+
+    schedule: Literal["cosine", "linear"] = "cosine"
+    num_steps: int = Field(1000, ge=2, le=10_000)  # training timesteps
+    prediction: Literal["eps", "x0", "v"] = "eps"  # what the network outputs
+    loss_weighting: Literal["none", "min_snr", "p2"] = "none"
+    min_snr_gamma: float = Field(5.0, gt=0)  # clamp of the SNR weight (Hang et al. 2023)
+    learned_variance: bool = False  # hybrid loss of Nichol & Dhariwal 2021
+
+
+class SampleConfig(_Strict):
+    """How to draw samples from a trained model."""
+
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
+    steps: int = Field(50, ge=1, le=10_000)
+    guidance_scale: float = Field(1.0, ge=0.0)  # 1 = plain conditional prediction
+    eta: float = Field(0.0, ge=0.0, le=1.0)  # DDIM stochasticity
+    clamp: Literal["none", "static", "dynamic"] = "static"  # images only
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TrainConfig(_Strict):
+    """Optimisation settings shared by every trained model."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * this
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # decay ramps up so early EMA is not stuck at init
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 CPU, fp16 CUDA
+    log_every: int = Field(25, ge=1)
+    seed: int = 0
+    max_minutes: float | None = Field(None, gt=0)  # wall-clock cap, for laptop budgets
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+class PriorNetConfig(_Strict):
+    """Causal transformer that denoises a CLIP image embedding."""
+
+    dim: int = Field(256, ge=8)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    dim_head: int = Field(64, ge=4)
+    ff_mult: int = Field(4, ge=1)
+    embed_dim: int = Field(512, ge=2)  # CLIP embedding size (image and text)
+    text_token_dim: int | None = None  # width of CLIP's per-token encodings; None = unused
+    max_text_len: int = Field(77, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class UNetConfig(_Strict):
+    """Image denoiser of one decoder stage."""
+
+    in_channels: int = 3
+    dim: int = Field(64, ge=8)
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = Field(2, ge=1)
+    attn_levels: tuple[int, ...] = (2,)  # indices into dim_mults that get self-attention
+    heads: int = Field(4, ge=1)
+    dim_head: int = Field(32, ge=4)
+    image_embed_dim: int = Field(512, ge=2)
+    num_image_tokens: int = Field(4, ge=0)  # image embedding as context tokens
+    cond_dim: int = Field(128, ge=8)  # width of the context tokens
+    lowres_cond: bool = False  # upsampler: concatenates the upsampled low-res image
+    fold: int = Field(1, ge=1)  # pixel-unshuffle factor at the input (1 = none)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    learned_variance: bool = False  # doubles output channels
+
+    @model_validator(mode="after")
+    def _check(self) -> UNetConfig:
+        if not self.dim_mults:
+            raise ValueError("dim_mults must list at least one level")
+        bad = [i for i in self.attn_levels if not 0 <= i < len(self.dim_mults)]
+        if bad:
+            raise ValueError(f"attn_levels {bad} are outside 0..{len(self.dim_mults) - 1}")
+        return self
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class DataConfig(_Strict):
+    """Where images come from and how img2dataset fetches them."""
+
+    url_list: str | None = None  # parquet/csv/tsv with url+caption; None = shapes64
+    url_col: str = "url"
+    caption_col: str = "caption"
+    num_synthetic: int = Field(4000, ge=1)  # shapes64 size when url_list is None
+    synthetic_seed: int = 0
+    image_size: int = Field(64, ge=8)
+    resize_mode: Literal["no", "center_crop", "border", "keep_ratio"] = "center_crop"
+    encode_format: Literal["png", "jpg", "webp"] = "png"  # png keeps flat colours exact
+    data_dir: str = "data"
+    min_success_ratio: float = Field(0.9, ge=0, le=1)
+    processes: int = Field(2, ge=1)
+    threads: int = Field(8, ge=1)
+    shard_size: int = Field(1000, ge=1)
+    timeout_s: float = Field(10.0, gt=0)
+    holdout_fraction: float = Field(0.05, ge=0, lt=1)  # captions kept out of training
+    dvc_push: bool = True
+
+
+class ClipTowerConfig(_Strict):
+    """A small open_clip CLIP, trained from scratch when no pretrained one is named."""
+
+    embed_dim: int = Field(256, ge=2)
+    image_size: int = Field(64, ge=8)
+    vision_width: int = Field(256, ge=8)
+    vision_layers: int = Field(4, ge=1)
+    patch_size: int = Field(8, ge=1)
+    text_width: int = Field(256, ge=8)
+    text_layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    context_length: int = Field(32, ge=2)
+    compact_vocab: bool = True  # keep only the BPE tokens the captions use
+
+
+class ClipConfig(_Strict):
+    """Which CLIP embeds images and text: pretrained open_clip, a file, or trained here."""
+
+    pretrained_model: str | None = None  # open_clip model name, e.g. "ViT-B-32"
+    pretrained_weights: str | None = None  # open_clip tag ("openai") or a local file path
+    tower: ClipTowerConfig = ClipTowerConfig()
+    train: TrainConfig = TrainConfig(steps=600, batch_size=128, lr=1e-3, warmup_steps=50)
+    unique_captions_per_batch: bool = True  # no false negatives in the contrastive loss
+    embed_batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClipConfig:
+        if self.pretrained_weights and not self.pretrained_model:
+            raise ValueError("pretrained_weights needs pretrained_model (the architecture)")
+        return self
+
+
+class PriorConfig(_Strict):
+    """Diffusion prior: text embedding -> image embedding."""
+
+    net: PriorNetConfig = PriorNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig(prediction="x0", num_steps=1000)
+    use_text_tokens: bool = False  # condition on per-token text encodings too
+    cond_drop_prob: float = Field(0.1, ge=0, le=1)
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig(steps=64, guidance_scale=1.0, clamp="none")
+    best_of: int = Field(2, ge=1)  # candidates per caption; keep the closest to the text
+
+
+class DecoderStageConfig(_Strict):
+    """One unet of the decoder cascade, trained on its own."""
+
+    image_size: int = Field(32, ge=8)
+    lowres_size: int | None = None  # set for upsamplers: size of the previous stage
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    cond_drop_prob: float = Field(0.1, ge=0, le=1)
+    lowres_noise_level: float = Field(0.2, ge=0, lt=1)  # max aug noise level (0..1 of T)
+    lowres_sample_noise_level: float = Field(0.1, ge=0, lt=1)  # aug level used at sampling
+    lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)  # Gaussian blur range in training
+    random_crop: int | None = None  # train upsamplers on crops of this size
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig(guidance_scale=3.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DecoderStageConfig:
+        if (self.lowres_size is None) == self.unet.lowres_cond:
+            raise ValueError("lowres_size must be set exactly when unet.lowres_cond is true")
+        if self.lowres_size is not None and self.lowres_size >= self.image_size:
+            raise ValueError("lowres_size must be smaller than image_size")
+        if self.image_size % (self.unet.fold * 2 ** (len(self.unet.dim_mults) - 1)):
+            raise ValueError("image_size must divide by fold * 2**(len(dim_mults) - 1)")
+        if self.unet.learned_variance != self.diffusion.learned_variance:
+            raise ValueError("unet.learned_variance and diffusion.learned_variance must agree")
+        return self
+
+
+class EvalConfig(_Strict):
+    """What the evaluate step samples and measures."""
+
+    num_prompts: int = Field(64, ge=1)  # captions sampled for metrics
+    batch_size: int = Field(32, ge=1)
+    inception_weights: str | None = None  # path to torch-fidelity's InceptionV3 weights
+    grid_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class UnclipConfig(_Strict):
+    """The whole pipeline's configuration (the `config` parameter in zenml_config.yaml)."""
+
+    name: str = "shapes64"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+    data: DataConfig = DataConfig()
+    clip: ClipConfig = ClipConfig()
+    prior: PriorConfig = PriorConfig()
+    decoder: tuple[DecoderStageConfig, ...] = (DecoderStageConfig(),)
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> UnclipConfig:
+        if not self.decoder:
+            raise ValueError("decoder needs at least one stage")
+        if self.decoder[0].lowres_size is not None:
+            raise ValueError("the first decoder stage cannot be an upsampler")
+        for prev, stage in zip(self.decoder, self.decoder[1:], strict=False):
+            if stage.lowres_size != prev.image_size:
+                raise ValueError(
+                    f"stage of size {stage.image_size} expects lowres_size {prev.image_size}"
+                )
+        return self
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling)"
+    more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+    return f"invalid config at '{where}': {msg}{more}"
+
+
+def parse_config(data: dict[str, Any] | UnclipConfig) -> UnclipConfig:
+    """Validate a plain dict into an UnclipConfig, raising a one-sentence ConfigError."""
+    if isinstance(data, UnclipConfig):
+        return data
+    try:
+        return UnclipConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path) -> UnclipConfig:
+    """Read a ZenML run YAML (its `parameters.config`) or a bare config YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML ({err})") from None
+    if isinstance(raw, dict) and "parameters" in raw:
+        raw = (raw.get("parameters") or {}).get("config", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return parse_config(raw)

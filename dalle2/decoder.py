@@ -1,0 +1,178 @@
+"""The decoder: a cascade of independently trained diffusion unets.
+
+Stage 1 draws a small image from a CLIP image embedding; each later stage upsamples the
+previous stage's image. Upsamplers train on ground-truth low-res images that are blurred
+and noised, so that they forgive the artefacts of the stage before them.
+
+    loss = stage.loss(images, image_embed)            # images in [-1, 1] at any size
+    images = Decoder(stages).sample(image_embed)      # (B, 3, H, W) in [0, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle2.config import DecoderStageConfig, SampleConfig
+from dalle2.diffusion import GaussianDiffusion, classifier_free_guidance, sample
+from dalle2.networks import UNet
+from dalle2.prior import scale_embed
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Antialiased resize of (B, C, H, W) images to size x size."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(
+        images.float(), size=size, mode="bilinear", align_corners=False, antialias=True
+    )
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
+    """Blur each image with its own sigma (B,), a separable 5-tap kernel."""
+    x = torch.arange(-2, 3, device=images.device, dtype=torch.float32)
+    k = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None].float().clamp(min=1e-3) ** 2))
+    k = k / k.sum(dim=1, keepdim=True)  # (B, 5)
+    b, c, h, w = images.shape
+    flat = images.float().reshape(1, b * c, h, w)
+    kk = k.repeat_interleave(c, dim=0)  # (B*C, 5)
+    flat = F.conv2d(F.pad(flat, (2, 2, 0, 0), mode="reflect"), kk[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, 2, 2), mode="reflect"), kk[:, None, :, None], groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+class DecoderStage(nn.Module):
+    """One unet of the cascade with its process and low-res conditioning."""
+
+    def __init__(self, cfg: DecoderStageConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.unet = UNet(cfg.unet)
+        self.process = GaussianDiffusion.from_config(cfg.diffusion)
+
+    @property
+    def is_upsampler(self) -> bool:
+        return self.cfg.lowres_size is not None
+
+    def _augment_lowres(self, lowres: Tensor, level: Tensor, noise: Tensor | None) -> Tensor:
+        """Noise a low-res image (already at this stage's size) to augmentation `level`."""
+        t = (level * (self.process.num_steps - 1)).round().long()
+        noise = torch.randn_like(lowres) if noise is None else noise
+        return self.process.q_sample(lowres, t, noise)
+
+    def loss(self, images: Tensor, image_embed: Tensor) -> Tensor:
+        """Diffusion loss for images (B, 3, H, W) in [-1, 1]; resized to this stage's size."""
+        cfg = self.cfg
+        target = resize(images, cfg.image_size)
+        b = target.shape[0]
+        lowres = level = None
+        if self.is_upsampler:
+            low = resize(images, cfg.lowres_size)
+            lo, hi = cfg.lowres_blur_sigma
+            sigma = lo + (hi - lo) * torch.rand(b, device=low.device)
+            low = resize(gaussian_blur(low, sigma), cfg.image_size)
+            level = torch.rand(b, device=low.device) * cfg.lowres_noise_level
+            lowres = self._augment_lowres(low, level, None)
+        if cfg.random_crop is not None and cfg.random_crop < cfg.image_size:
+            target, lowres = self._crop(target, lowres, cfg.random_crop)
+        drop = torch.rand(b, device=target.device) < cfg.cond_drop_prob
+        embed = scale_embed(image_embed)
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            return self.unet(x, t, embed, lowres, level, drop_cond=drop)
+
+        return self.process.training_loss(model, target)
+
+    @staticmethod
+    def _crop(target: Tensor, lowres: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:
+        top, left = torch.randint(0, target.shape[-1] - size + 1, (2,)).tolist()
+        crop = (slice(None), slice(None), slice(top, top + size), slice(left, left + size))
+        return target[crop], None if lowres is None else lowres[crop]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        image_embed: Tensor,
+        lowres: Tensor | None = None,
+        *,
+        cfg: SampleConfig | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """(B, 3, S, S) images in [-1, 1]; `lowres` (B, 3, s, s) in [-1, 1] for upsamplers."""
+        cfg = cfg or self.cfg.sample
+        b = image_embed.shape[0]
+        size = self.cfg.image_size
+        device = image_embed.device
+        level = None
+        if self.is_upsampler:
+            if lowres is None:
+                raise ValueError("an upsampler stage needs the previous stage's images")
+            level = torch.full((b,), self.cfg.lowres_sample_noise_level, device=device)
+            noise = torch.randn(lowres.shape[0], 3, size, size, device=device, generator=generator)
+            lowres = self._augment_lowres(resize(lowres, size), level, noise)
+        embed = scale_embed(image_embed)
+        keep = torch.zeros(b, dtype=torch.bool, device=device)
+
+        def cond(x: Tensor, t: Tensor) -> Tensor:
+            return self.unet(x, t, embed, lowres, level, drop_cond=keep)
+
+        def uncond(x: Tensor, t: Tensor) -> Tensor:
+            return self.unet(x, t, embed, lowres, level, drop_cond=~keep)
+
+        model = cond
+        if cfg.guidance_scale != 1.0:
+            model = classifier_free_guidance(
+                cond, uncond, cfg.guidance_scale, learned_variance=self.cfg.unet.learned_variance
+            )
+        noise = torch.randn(b, 3, size, size, device=device, generator=generator)
+        x = sample(
+            model,
+            self.process,
+            noise,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            eta=cfg.eta,
+            clamp=cfg.clamp,
+            generator=generator,
+            progress=progress,
+        )
+        return x.float().clamp(-1, 1)
+
+
+class Decoder(nn.Module):
+    """Stages chained at sampling time only (each one trains on its own)."""
+
+    def __init__(self, stages: Sequence[DecoderStage]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        image_embed: Tensor,
+        *,
+        cfgs: Sequence[SampleConfig | None] | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """(B, 3, H, W) images in [0, 1] drawn through the whole cascade."""
+        cfgs = list(cfgs) if cfgs is not None else [None] * len(self.stages)
+        images = None
+        for stage, cfg in zip(self.stages, cfgs, strict=True):
+            images = stage.sample(
+                image_embed, images, cfg=cfg, generator=generator, progress=progress
+            )
+        return (images + 1) / 2
+
+
+def image_variations(
+    clip: nn.Module, decoder: Decoder, images: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """New images (B, 3, H, W) in [0, 1] that share the CLIP image embedding of `images`."""
+    with torch.no_grad():
+        embed = clip.encode_image(images).float()
+    return decoder.sample(embed, generator=generator)

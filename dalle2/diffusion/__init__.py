@@ -1,0 +1,30 @@
+"""Gaussian diffusion: schedules, the process and its loss, samplers and guidance."""
+
+from dalle2.diffusion.guidance import classifier_free_guidance
+from dalle2.diffusion.process import GaussianDiffusion, LossWeighting, ModelFn, Prediction
+from dalle2.diffusion.samplers import (
+    Clamp,
+    Sampler,
+    clamp_x0,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+)
+from dalle2.diffusion.schedules import make_betas
+
+__all__ = [
+    "Clamp",
+    "GaussianDiffusion",
+    "LossWeighting",
+    "ModelFn",
+    "Prediction",
+    "Sampler",
+    "clamp_x0",
+    "classifier_free_guidance",
+    "make_betas",
+    "sample",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+]

@@ -1,0 +1,175 @@
+"""Samplers: pure functions from noise to x_0 over one process and one network.
+
+Every sampler walks the process's indices from T - 1 down to 0 (respace the process first to
+sample with fewer steps) and reports each step's x_0 estimate through `callback(i, x0)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from dalle2.diffusion.process import GaussianDiffusion, ModelFn
+
+Clamp = Literal["none", "static", "dynamic"]
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
+Callback = Callable[[int, torch.Tensor], None]
+
+DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022
+
+
+def clamp_x0(x0: torch.Tensor, clamp: Clamp) -> torch.Tensor:
+    """Keep an x_0 estimate in the data range [-1, 1].
+
+    "dynamic" divides by the per-sample 99.5th percentile of |x_0| (when above 1) instead of
+    clipping, so saturated pixels keep their detail at high guidance scales.
+    """
+    if clamp == "none":
+        return x0
+    if clamp == "static":
+        return x0.clamp(-1, 1)
+    if clamp == "dynamic":
+        s = torch.quantile(x0.detach().flatten(1).abs().float(), DYNAMIC_PERCENTILE, dim=1)
+        s = s.clamp(min=1).to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        return x0.clamp(-s, s) / s
+    raise ValueError(f"unknown clamp {clamp!r}; use 'none', 'static' or 'dynamic'")
+
+
+def _denoise(
+    model: ModelFn, process: GaussianDiffusion, x: torch.Tensor, i: int, clamp: Clamp
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x_0, eps, variance values or None) of the network at index i, x_0 clamped."""
+    t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+    pred, var_values = process.split_output(process.call_model(model, x, t).to(x.dtype))
+    x0, eps = process.predict_x0_eps(pred, x, t)
+    if clamp != "none":
+        x0 = clamp_x0(x0, clamp)
+        a = float(process.alphas_cumprod[i])
+        eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)  # the eps consistent with x_0
+    return x0, eps, var_values
+
+
+def _indices(process: GaussianDiffusion, progress: bool, desc: str) -> Iterable[int]:
+    """T - 1, ..., 0 behind a progress bar that stays off unless asked for."""
+    steps = range(process.num_steps - 1, -1, -1)
+    return tqdm(steps, total=process.num_steps, disable=not progress, desc=desc, leave=False)
+
+
+def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise like x; every stochastic sampler draws exactly this way."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    noise: torch.Tensor,
+    *,
+    clamp: Clamp = "none",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Algorithm 2 of Ho et al. 2020: x_{t-1} ~ p(x_{t-1} | x_t), learned or posterior variance."""
+    x = noise
+    for i in _indices(process, progress, "ddpm"):
+        x0, _, var_values = _denoise(model, process, x, i, clamp)
+        if callback is not None:
+            callback(i, x0)
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        mean, log_var = process.q_posterior(x0, x, t)
+        if var_values is not None:
+            log_var = process.model_log_variance(var_values, t)
+        x = mean
+        if i > 0:  # no noise on the last step: x_0 is the posterior mean itself
+            x = x + torch.exp(0.5 * log_var) * _randn(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    noise: torch.Tensor,
+    *,
+    eta: float = 0.0,
+    clamp: Clamp = "none",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Song et al. 2021: deterministic at eta = 0; eta = 1 has DDPM's posterior variance."""
+    x = noise
+    for i in _indices(process, progress, "ddim"):
+        x0, eps, _ = _denoise(model, process, x, i, clamp)
+        if callback is not None:
+            callback(i, x0)
+        a, a_prev = float(process.alphas_cumprod[i]), float(process.alphas_cumprod_prev[i])
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        if i > 0 and eta > 0:
+            x = x + sigma * _randn(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    noise: torch.Tensor,
+    *,
+    clamp: Clamp = "none",
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) of Lu et al. 2022: second-order multistep in lambda = log(alpha/sigma)."""
+    alpha = process.sqrt_alphas_cumprod.tolist()
+    sigma = process.sqrt_one_minus_alphas_cumprod.tolist()
+    lam = (0.5 * process.snr.log()).tolist()  # log(alpha / sigma)
+    x, x0_prev, h_prev = noise, None, 0.0
+    for i in _indices(process, progress, "dpm++2m"):
+        x0, _, _ = _denoise(model, process, x, i, clamp)
+        if callback is not None:
+            callback(i, x0)
+        if i == 0:  # the next noise level is zero: the solution is the data prediction
+            x = x0
+            break
+        h = lam[i - 1] - lam[i]
+        d = x0
+        if x0_prev is not None:  # extrapolate the data prediction linearly in lambda
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigma[i - 1] / sigma[i]) * x - alpha[i - 1] * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def sample(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    noise: torch.Tensor,
+    *,
+    sampler: Sampler = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    clamp: Clamp = "none",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Respace `process` to `steps` (None keeps all) and run the named sampler from `noise`."""
+    if sampler not in ("ddpm", "ddim", "dpmpp_2m"):
+        raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm', 'ddim' or 'dpmpp_2m'")
+    if steps is not None:
+        process = process.respace(steps)
+    common = {"clamp": clamp, "progress": progress, "callback": callback}
+    if sampler == "ddpm":
+        return sample_ddpm(model, process, noise, generator=generator, **common)
+    if sampler == "ddim":
+        return sample_ddim(model, process, noise, eta=eta, generator=generator, **common)
+    return sample_dpmpp_2m(model, process, noise, **common)

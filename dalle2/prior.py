@@ -1,0 +1,101 @@
+"""The diffusion prior: a CLIP text embedding in, a CLIP image embedding out.
+
+loss = prior.loss(text_embed, image_embed)       # training
+image_embed = prior.sample(text_embed)           # generation
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle2.config import PriorConfig, SampleConfig
+from dalle2.diffusion import GaussianDiffusion, classifier_free_guidance, sample
+from dalle2.networks import PriorTransformer
+
+
+def scale_embed(embed: Tensor) -> Tensor:
+    """l2-normalise and scale by sqrt(dim) so entries are ~unit variance for diffusion."""
+    return F.normalize(embed.float(), dim=-1) * math.sqrt(embed.shape[-1])
+
+
+class DiffusionPrior(nn.Module):
+    """Prior transformer + its Gaussian process + embedding scaling."""
+
+    def __init__(self, cfg: PriorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.net = PriorTransformer(cfg.net)
+        self.process = GaussianDiffusion.from_config(cfg.diffusion)
+
+    def _model(
+        self,
+        text_embed: Tensor,
+        text_tokens: Tensor | None,
+        text_mask: Tensor | None,
+        drop: Tensor | None,
+    ):
+        tokens = text_tokens if self.cfg.use_text_tokens else None
+        mask = text_mask if self.cfg.use_text_tokens else None
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            return self.net(x, t, text_embed, tokens, mask, drop_text=drop)
+
+        return model
+
+    def loss(
+        self,
+        text_embed: Tensor,
+        image_embed: Tensor,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Diffusion loss on scaled image embeddings, dropping the text with cond_drop_prob."""
+        b = image_embed.shape[0]
+        drop = torch.rand(b, device=image_embed.device) < self.cfg.cond_drop_prob
+        model = self._model(scale_embed(text_embed), text_tokens, text_mask, drop)
+        return self.process.training_loss(model, scale_embed(image_embed))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embed: Tensor,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        *,
+        cfg: SampleConfig | None = None,
+        best_of: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """(B, E) unit-norm image embeddings; of `best_of` candidates per caption, the one
+        with the highest cosine similarity to its text embedding is kept."""
+        cfg = cfg or self.cfg.sample
+        n = best_of or self.cfg.best_of
+        b, e = text_embed.shape
+        text = scale_embed(text_embed).repeat_interleave(n, dim=0)
+        tokens = None if text_tokens is None else text_tokens.repeat_interleave(n, dim=0)
+        mask = None if text_mask is None else text_mask.repeat_interleave(n, dim=0)
+        keep = torch.zeros(b * n, dtype=torch.bool, device=text.device)
+        model = self._model(text, tokens, mask, keep)
+        if cfg.guidance_scale != 1.0:
+            uncond = self._model(text, tokens, mask, ~keep)
+            model = classifier_free_guidance(model, uncond, cfg.guidance_scale)
+        noise = torch.randn(b * n, e, device=text.device, generator=generator)
+        x = sample(
+            model,
+            self.process,
+            noise,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            eta=cfg.eta,
+            clamp="none",
+            generator=generator,
+            progress=progress,
+        )
+        x = F.normalize(x.float(), dim=-1).view(b, n, e)
+        sim = (x * F.normalize(text_embed.float(), dim=-1)[:, None]).sum(-1)  # (B, n)
+        return x[torch.arange(b), sim.argmax(dim=1)]

@@ -1,0 +1,443 @@
+"""One training loop for every model in the pipeline (CLIP, prior, decoder stages).
+
+The loop knows nothing of diffusion: it is handed `loss_fn(model, batch) -> scalar`, so the
+same code trains a contrastive CLIP and a denoising unet. Metrics leave through a callback
+(the pipeline steps forward them to the experiment tracker); the loop itself logs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dalle2.checkpoint import (
+    load_json,
+    load_optimizer,
+    load_rng,
+    load_weights,
+    save_json,
+    save_optimizer,
+    save_rng,
+    save_weights,
+)
+from dalle2.config import TrainConfig
+from dalle2.device import autocast, autocast_dtype, pick_device
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+BETAS = (0.9, 0.99)  # beta2 below 0.999 tracks the fast-changing diffusion loss scale better
+
+
+@dataclass
+class TrainResult:
+    """What one call to Trainer.fit did."""
+
+    steps: int  # optimizer steps taken in this call
+    seconds: float
+    samples_per_s: float
+    final_loss: float  # loss of the last optimizer step (mean over its micro-batches)
+    stopped_early: bool  # the target step was not reached (time cap or batches ran out)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable params into AdamW groups; 1-D params (biases, norm gains) get no decay.
+
+    Decaying a norm gain or a bias towards zero fights the normalisation instead of
+    regularising anything, so only matrices and kernels (ndim >= 2) are decayed.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    Linear warmup reaching cfg.lr at step warmup_steps - 1, then a half cosine from cfg.lr at
+    step warmup_steps down to cfg.lr * min_lr_ratio at step cfg.steps (held after that).
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    lr_min = cfg.lr * cfg.min_lr_ratio
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - lr_min)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples, lists and dicts to `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+        return type(x)(*(_to_device(v, device) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _batch_size(batch: Any, default: int) -> int:
+    """Samples in a batch, read from its first tensor; only used for throughput numbers."""
+    t = _first_tensor(batch)
+    return int(t.shape[0]) if t is not None and t.ndim > 0 else default
+
+
+@dataclass
+class _Window:
+    """Sums since the last metrics report."""
+
+    t0: float
+    steps: int = 0
+    loss: float = 0.0
+    norm: float = 0.0
+    norm_steps: int = 0
+    samples: int = 0
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """AdamW + cosine schedule + EMA + grad accumulation + mixed precision, resumable.
+
+    Args:
+        model: the network to train; moved to the device here.
+        cfg: optimisation settings.
+        loss_fn: `loss_fn(model, batch) -> scalar`; with an accelerator, `model` may be the
+            DDP-wrapped network, so call it rather than reading its attributes.
+        device: where to train; default pick_device("auto"). Ignored with an accelerator.
+        callback: receives `(step, {"loss", "lr", "grad_norm", "samples_per_s"})`.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+        accelerator: an `accelerate.Accelerator` for multi-GPU (DDP). Its own
+            `mixed_precision` then applies and cfg.precision is ignored; accumulate with
+            cfg.grad_accum, not with the accelerator's gradient_accumulation_steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        loss_fn: LossFn,
+        *,
+        device: torch.device | None = None,
+        callback: MetricsCallback | None = None,
+        progress: bool = True,
+        desc: str = "train",
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.loss_fn = loss_fn
+        self.callback = callback
+        self.progress = progress
+        self.desc = desc
+        self.accelerator = accelerator
+        self.step = 0
+        if accelerator is not None:
+            if accelerator.gradient_accumulation_steps != 1:
+                raise ValueError(
+                    "set gradient accumulation through cfg.grad_accum and leave the "
+                    "Accelerator's gradient_accumulation_steps at 1"
+                )
+            self.device = accelerator.device
+        else:
+            self.device = torch.device(device) if device is not None else pick_device("auto")
+
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=BETAS
+        )
+        # The EMA is kept in fp32 so tiny per-step updates are not rounded away.
+        self.ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+        self._ema_params = list(self.ema.parameters())
+        self._model_params = list(self.model.parameters())
+        self._ema_buffers = list(self.ema.buffers())
+        self._model_buffers = list(self.model.buffers())
+
+        self._scaler: torch.amp.GradScaler | None = None
+        if accelerator is not None:
+            self._net, self._opt = accelerator.prepare(self.model, self.optimizer)
+            self._dtype = None
+        else:
+            self._net, self._opt = self.model, self.optimizer
+            self._dtype = autocast_dtype(self.device, cfg.precision)
+            if self._dtype == torch.float16:
+                self._scaler = torch.amp.GradScaler(self.device.type)
+
+    # ------------------------------------------------------------------ small pieces
+
+    @property
+    def _is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def _rank(self) -> int:
+        return 0 if self.accelerator is None else self.accelerator.process_index
+
+    @property
+    def _world(self) -> int:
+        return 1 if self.accelerator is None else self.accelerator.num_processes
+
+    @property
+    def _active_scaler(self) -> Any:
+        if self.accelerator is not None:
+            return self.accelerator.scaler
+        return self._scaler
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        return autocast(self.device, self._dtype)
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[object]:
+        """Skip the DDP all-reduce on all but the last micro-batch of an optimizer step."""
+        if self.accelerator is None or last:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self._net)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        elif self._scaler is not None:
+            self._scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _clip(self) -> torch.Tensor:
+        """Unscale (fp16) and clip gradients; returns the pre-clip global norm."""
+        if self.accelerator is not None:
+            return self.accelerator.clip_grad_norm_(self._net.parameters(), self.cfg.grad_clip)
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self._model_params, self.cfg.grad_clip)
+
+    def _optimizer_step(self) -> None:
+        if self.accelerator is None and self._scaler is not None:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self._opt.step()  # an AcceleratedOptimizer applies its scaler itself
+        self._opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * model, with decay ramped up over early steps."""
+        decay = self.cfg.ema_decay
+        if self.cfg.ema_warmup:
+            decay = min(decay, (1 + self.step) / (10 + self.step))
+        src = [p.detach().float() for p in self._model_params]
+        torch._foreach_lerp_(self._ema_params, src, 1.0 - decay)
+        for e, b in zip(self._ema_buffers, self._model_buffers, strict=True):
+            e.copy_(b)
+
+    def _check(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float]:
+        """One host sync per step: fetch loss and grad norm, refuse to step on NaN/inf."""
+        if self._world > 1:
+            loss = self.accelerator.reduce(loss, reduction="mean")
+        loss_val, norm_val = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(
+                f"loss became {loss_val} at step {self.step + 1}; lower the learning rate "
+                "or check the batch for NaNs (weights were not updated)"
+            )
+        if not math.isfinite(norm_val) and self._active_scaler is None:
+            raise FloatingPointError(
+                f"gradient norm became {norm_val} at step {self.step + 1}; lower the "
+                "learning rate or use bf16/fp32 (weights were not updated)"
+            )
+        return loss_val, norm_val
+
+    def _report(self, window: _Window, lr: float, bar: tqdm) -> None:
+        now = time.perf_counter()
+        metrics = {
+            "loss": window.loss / window.steps,
+            "lr": lr,
+            "grad_norm": window.norm / window.norm_steps if window.norm_steps else math.nan,
+            "samples_per_s": window.samples * self._world / max(now - window.t0, 1e-9),
+        }
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if self.callback is not None and self._is_main:
+            self.callback(self.step, metrics)
+
+    # ------------------------------------------------------------------ public
+
+    def fit(self, batches: Iterable[Any], steps: int | None = None) -> TrainResult:
+        """Train until self.step reaches `steps` (default cfg.steps), the batches run out,
+        or cfg.max_minutes pass.
+
+        Each optimizer step consumes cfg.grad_accum batches; a partial group left when the
+        batches run out is discarded. The LR follows lr_at(self.step) whatever `steps` is,
+        so a run split over several fit calls follows one schedule.
+        """
+        cfg = self.cfg
+        target = cfg.steps if steps is None else steps
+        accum = cfg.grad_accum
+        start = time.perf_counter()
+        deadline = start + cfg.max_minutes * 60 if cfg.max_minutes is not None else None
+        first_step, total_samples = self.step, 0
+        last_loss, lr = math.nan, lr_at(self.step, cfg)
+        window = _Window(t0=start)
+        batch_iter = iter(batches)
+
+        self._net.train()
+        self._opt.zero_grad(set_to_none=True)
+        bar = tqdm(
+            total=target,
+            initial=min(self.step, target),
+            desc=self.desc,
+            disable=not (self.progress and self._is_main),
+            dynamic_ncols=True,
+        )
+        try:
+            while self.step < target:
+                loss_sum = torch.zeros((), device=self.device)
+                samples, exhausted = 0, False
+                for micro in range(accum):
+                    batch = next(batch_iter, _END)
+                    if batch is _END:
+                        exhausted = True
+                        break
+                    samples += _batch_size(batch, cfg.batch_size)
+                    batch = _to_device(batch, self.device)
+                    with self._no_sync(last=micro == accum - 1):
+                        with self._autocast():
+                            loss = self.loss_fn(self._net, batch)
+                        loss_sum += loss.detach().float()
+                        self._backward(loss / accum)
+                if exhausted:
+                    self._opt.zero_grad(set_to_none=True)
+                    break
+
+                lr = lr_at(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                norm = self._clip()
+                last_loss, norm_val = self._check(loss_sum / accum, norm)
+                self._optimizer_step()
+                self._update_ema()
+                self.step += 1
+
+                total_samples += samples
+                window.steps += 1
+                window.loss += last_loss
+                window.samples += samples
+                if math.isfinite(norm_val):  # fp16 overflow steps are skipped by the scaler
+                    window.norm += norm_val
+                    window.norm_steps += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == target:
+                    self._report(window, lr, bar)
+                    window = _Window(t0=time.perf_counter())
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+            if window.steps:  # stopped before a report was due
+                self._report(window, lr, bar)
+        finally:
+            bar.close()
+
+        seconds = time.perf_counter() - start
+        return TrainResult(
+            steps=self.step - first_step,
+            seconds=seconds,
+            samples_per_s=total_samples * self._world / max(seconds, 1e-9),
+            final_loss=last_loss,
+            stopped_early=self.step < target,
+        )
+
+    def _rng_file(self, out_dir: Path, rank: int) -> Path:
+        return out_dir / ("rng.safetensors" if rank == 0 else f"rng_rank{rank}.safetensors")
+
+    def save(self, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write a resumable checkpoint: weights, EMA, optimizer, RNG and trainer state.
+
+        Only safetensors and JSON files are written; trainer_state.json goes last, so its
+        presence marks a complete checkpoint. `extra` must be JSON-serialisable.
+        """
+        out_dir = Path(out_dir)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_rng(self._rng_file(out_dir, self._rank))  # every process has its own streams
+        if self._is_main:
+            save_weights(self.model, out_dir / "model.safetensors")
+            save_weights(self.ema, out_dir / "ema.safetensors")
+            save_optimizer(self.optimizer, out_dir / "optimizer")
+            scaler = self._active_scaler
+            state = {
+                "step": self.step,
+                "cfg": self.cfg.model_dump(mode="json"),
+                "extra": extra or {},
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": [self._rng_file(out_dir, r).name for r in range(self._world)],
+            }
+            save_json(state, out_dir / "trainer_state.json")
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def load(self, out_dir: Path) -> dict[str, Any]:
+        """Restore a checkpoint written by save() so fit() continues the same loss curve.
+
+        Returns:
+            The `extra` dict given to save().
+        """
+        out_dir = Path(out_dir)
+        state = load_json(out_dir / "trainer_state.json")
+        load_weights(self.model, out_dir / "model.safetensors")
+        load_weights(self.ema, out_dir / "ema.safetensors")
+        load_optimizer(self.optimizer, out_dir / "optimizer")
+        self.step = int(state["step"])
+        scaler = self._active_scaler
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rng = self._rng_file(out_dir, self._rank)
+        if rng.is_file() or self._rank == 0:
+            load_rng(rng)
+        else:  # resuming on more processes than saved: fresh but distinct streams
+            warnings.warn(
+                f"no RNG state for process {self._rank} in {out_dir}; reseeding", stacklevel=2
+            )
+            torch.manual_seed(self.cfg.seed + 1000 * self.step + self._rank)
+        return dict(state.get("extra") or {})
+
+
+_END = object()

@@ -1,0 +1,56 @@
+"""Step 3: CLIP image and text embeddings for every pair, shard by shard."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from zenml import ArtifactConfig, step
+
+from dalle2 import recipes
+from dalle2.data import DatasetRef, EmbeddingsRef
+from dalle2.models import ModelArtifact, unpack_clip
+from dalle2.versioning import find_project_root
+from steps._shared import load, log_metrics, logger
+
+
+def clip_id(artifact: ModelArtifact) -> str:
+    h = hashlib.sha256()
+    for name in sorted(artifact.files):
+        h.update(name.encode() + artifact.files[name])
+    return h.hexdigest()[:16]
+
+
+@step(enable_cache=False)
+def compute_clip_embeddings(
+    config: dict[str, Any], dataset: DatasetRef, clip: ModelArtifact
+) -> Annotated[EmbeddingsRef, ArtifactConfig(name="embeddings")]:
+    """Embeddings are keyed by (data md5, CLIP id) so identical inputs reuse them."""
+    cfg, device = load(config)
+    t0 = time.perf_counter()
+    cid = clip_id(clip)
+    with_tokens = cfg.prior.use_text_tokens
+    out = find_project_root() / ".cache" / "embeddings" / f"{dataset.md5}-{cid}-{int(with_tokens)}"
+    shard_dir = Path(dataset.path)
+    try:
+        recipes.check_alignment(shard_dir, out)
+        n = dataset.num_samples
+        logger.info("embeddings at %s are up to date", out)
+    except (FileNotFoundError, RuntimeError):
+        shutil.rmtree(out, ignore_errors=True)
+        n = recipes.compute_embeddings(
+            unpack_clip(clip),
+            shard_dir,
+            out,
+            with_tokens=with_tokens,
+            batch_size=cfg.clip.embed_batch_size,
+            device=device,
+            progress=cfg.progress,
+        )
+    log_metrics({"time/compute_clip_embeddings_s": time.perf_counter() - t0})
+    return EmbeddingsRef(
+        path=str(out), data_md5=dataset.md5, clip_id=cid, num_samples=n, with_tokens=with_tokens
+    )
