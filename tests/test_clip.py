@@ -1,0 +1,82 @@
+"""CLIP: the scratch model with a compact token table, and the one loading path for
+pretrained weights, exercised with weight files written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dalle2.clip import ClipWeightsError, build_scratch_clip, load_clip, load_pretrained_clip
+from dalle2.config import ClipTowerConfig
+from dalle2.models import pack_clip, unpack_clip
+
+TINY = ClipTowerConfig(embed_dim=16, image_size=32, vision_width=32, vision_layers=1,
+                       patch_size=16, text_width=32, text_layers=1, heads=2, context_length=16)
+CAPTIONS = ["a small red circle on a white background", "a large blue square on a gray background"]
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def test_compact_vocab_keeps_end_token_last_and_encodes() -> None:
+    clip = build_scratch_clip(TINY, CAPTIONS)
+    assert clip.model.token_embedding.weight.shape[0] == len(clip.vocab) < 30
+    ids = clip.tokenize(CAPTIONS)
+    assert ids.max() == len(clip.vocab) - 1  # end-of-text is the largest id: argmax pooling works
+    enc = clip.encode_text(CAPTIONS, with_tokens=True)
+    assert enc.embed.shape == (2, 16) and enc.tokens.shape == (2, 16, 32)
+    assert torch.allclose(enc.embed, clip.encode_text(CAPTIONS).embed, atol=1e-5)
+    assert enc.mask.sum(1).tolist() == (ids.argmax(1) + 1).tolist()
+    images = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    assert clip.encode_image(images).shape == (2, 16)
+
+
+def test_scratch_clip_round_trips_through_files(tmp_path: Path) -> None:
+    clip = build_scratch_clip(TINY, CAPTIONS).eval()
+    again = unpack_clip(pack_clip(clip))
+    for k, v in clip.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    assert torch.equal(clip.encode_text(CAPTIONS).embed, again.encode_text(CAPTIONS).embed)
+
+
+def test_pretrained_by_name_and_local_weight_file(tmp_path: Path) -> None:
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "tiny-test-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(cfg_dir)
+    reference = open_clip.create_model("tiny-test-clip")
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, weights)
+    clip = load_pretrained_clip("tiny-test-clip", str(weights))
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, clip.model.state_dict()[k]), k
+    # the saved form holds the reference, not the weights, and loads through the same code
+    again = load_clip(clip.save(tmp_path / "saved") or tmp_path / "saved")
+    assert not (tmp_path / "saved" / "clip.safetensors").exists()
+    assert torch.equal(again.encode_text(CAPTIONS).embed, clip.encode_text(CAPTIONS).embed)
+
+
+def test_local_dir_schema(tmp_path: Path) -> None:
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              d / "open_clip_model.safetensors")
+    clip = load_pretrained_clip(f"local-dir:{d}", None)
+    assert torch.equal(clip.model.text_projection, model.text_projection)
+
+
+def test_missing_weights_fail_with_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(ClipWeightsError, match="could not load pretrained CLIP 'ViT-B-32'") as e:
+        load_pretrained_clip("ViT-B-32", str(tmp_path / "nope.safetensors"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ClipWeightsError, match="no CLIP found"):
+        load_clip(tmp_path)

@@ -1,0 +1,170 @@
+"""The whole pipeline through ZenML's CLI on a tiny config, read back from a real MLflow
+server over REST, used by `dalle2 generate`, then reproduced from its DVC snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PIPELINE = "pipelines.unclip.unclip_pipeline"
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command in the project; ZenML finds its repository in the project dir."""
+    env = {**os.environ, "ZENML_REPOSITORY_PATH": str(cwd)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh project: git + DVC with a local remote + ZenML stack with MLflow (sqlite)."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "tests" / "configs" / "tiny.yaml", root / "tiny.yaml")
+    run(["git", "init", "-q"], root)
+    run([str(BIN / "dvc"), "init", "-q"], root)
+    run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "dvc-remote")], root)
+    zenml = str(BIN / "zenml")
+    run([zenml, "init"], root)
+    run([zenml, "experiment-tracker", "register", "mlflow_tracker", "--flavor=mlflow",
+         f"--tracking_uri=sqlite:///{root / 'mlruns.db'}"], root)
+    run([zenml, "stack", "register", "test_stack", "-o", "default", "-a", "default",
+         "-e", "mlflow_tracker", "--set"], root)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(project: Path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{project / 'mlruns.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError("mlflow server did not start")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def rest(base: str, path: str, body: dict | None = None) -> dict:
+    if body is None:
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}")
+    else:
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def runs_of(base: str) -> list[dict]:
+    exp = rest(base, "experiments/get-by-name?experiment_name=unclip-test")["experiment"]
+    body = {"experiment_ids": [exp["experiment_id"]], "order_by": ["attributes.start_time ASC"]}
+    return rest(base, "runs/search", body)["runs"]
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> Path:
+    run([str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "tiny.yaml"], project)
+    return project
+
+
+def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) -> None:
+    runs = runs_of(mlflow_server)
+    assert len(runs) == 1, "one MLflow run per pipeline run"
+    r = runs[0]
+    metrics = {m["key"]: m["value"] for m in r["data"]["metrics"]}
+    params = {p["key"]: p["value"] for p in r["data"]["params"]}
+    tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+    for key in ("clip/loss", "prior/loss", "decoder_unet_0/loss", "decoder_unet_1/loss",
+                "clip_frechet_distance", "clip_score", "prior_cos_true", "text_image_cos",
+                "prior_cos_unrelated", "fidelity_color", "fidelity_shape", "fidelity_size",
+                "fidelity_background", "fidelity_all", "data/successes"):
+        assert key in metrics, f"{key} missing from the MLflow run"
+    assert "fid" not in metrics, "without Inception weights the distance must not be called fid"
+    assert metrics["data/successes"] == 216
+    assert 0.0 <= metrics["fidelity_all"] <= 1.0
+    assert params["data.num_synthetic"] == "216"
+    assert params["decoder.1.lowres_size"] == "16"
+    md5 = (first_run / "data.dvc").read_text().split("md5: ")[1].split()[0]
+    assert tags["data_md5"] == md5
+    run_id = r["info"]["run_id"]
+    models = rest(mlflow_server, f"artifacts/list?run_id={run_id}&path=models")["files"]
+    names = {f["path"] for f in models}
+    assert {"models/clip", "models/prior", "models/decoder_unet_0", "models/decoder_unet_1"} <= names
+    samples = rest(mlflow_server, f"artifacts/list?run_id={run_id}&path=samples")["files"]
+    assert any(f["path"] == "samples/samples.png" and int(f["file_size"]) > 0 for f in samples)
+
+
+def test_generate_from_latest_run(first_run: Path) -> None:
+    out = first_run / "generated"
+    uri = f"sqlite:///{first_run / 'mlruns.db'}"
+    run([str(BIN / "dalle2"), "generate", "a large red circle on a white background",
+         "a small blue square on a black background", "--run", "latest",
+         "--tracking-uri", uri, "--out", str(out), "--quiet"], first_run)
+    table = pd.read_csv(out / "prompts.csv")
+    assert list(table.columns) == ["prompt", "image"]
+    assert len(table) == 2
+    from PIL import Image
+
+    for path in table["image"]:
+        img = Image.open(path)
+        assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_rerun_from_dvc_snapshot_trains_on_identical_data(
+    first_run: Path, mlflow_server: str
+) -> None:
+    md5 = (first_run / "data.dvc").read_text()
+    shutil.rmtree(first_run / "data")
+    shutil.rmtree(first_run / ".dvc" / "cache")
+    run([str(BIN / "dvc"), "pull", "-q"], first_run)
+    run([str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "tiny.yaml"], first_run)
+    assert (first_run / "data.dvc").read_text() == md5
+    runs = runs_of(mlflow_server)
+    assert len(runs) == 2
+    tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
+    assert tags[0]["data_md5"] == tags[1]["data_md5"]
+    assert tags[1]["download_skipped"] == "True"
+
+
+def test_bad_config_fails_before_any_step(project: Path) -> None:
+    bad = project / "bad.yaml"
+    bad.write_text((project / "tiny.yaml").read_text().replace("num_synthetic", "num_synthtic"))
+    env = {**os.environ, "ZENML_REPOSITORY_PATH": str(project)}
+    proc = subprocess.run([str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "bad.yaml"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "data.num_synthtic" in proc.stdout + proc.stderr
