@@ -298,7 +298,7 @@ def evaluate(
     prior: DiffusionPrior,
     decoder: Decoder,
     holdout: D.Embeddings,
-    reference_images: np.ndarray,
+    reference_images: np.ndarray,  # (N, H, W, 3) uint8, row i is holdout pair i
     device: torch.device,
     progress: bool = True,
 ) -> tuple[dict[str, float], np.ndarray, list[str]]:
@@ -328,7 +328,6 @@ def evaluate(
         ref = to_uint8(
             F.interpolate(ref.float() / 255, size=gen_u8.shape[-1], mode="bilinear", antialias=True)
         )
-    clip_cpu_device = clip.device
     metrics.update(
         frechet_distance(
             gen_u8,
@@ -339,8 +338,8 @@ def evaluate(
         )
     )
     with torch.no_grad():
-        metrics["clip_score"] = clip_score(clip, gen_u8.to(clip_cpu_device), sub.captions)
-        metrics["clip_score_real"] = clip_score(clip, ref.to(clip_cpu_device), sub.captions)
+        metrics["clip_score"] = clip_score(clip, gen_u8, sub.captions)
+        metrics["clip_score_real"] = clip_score(clip, ref[torch.from_numpy(pick)], sub.captions)
         enc = clip.encode_text(sub.captions)
     metrics.update(prior_similarities(embeds, sub.image_embed, enc.embed.float().cpu()))
     hwc = gen_u8.permute(0, 2, 3, 1).numpy()

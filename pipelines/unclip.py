@@ -1,6 +1,5 @@
 """The unCLIP training pipeline."""
 
-from __future__ import annotations
 
 from typing import Any
 

@@ -1,6 +1,5 @@
 """Step 3: CLIP image and text embeddings for every pair, shard by shard."""
 
-from __future__ import annotations
 
 import hashlib
 import shutil

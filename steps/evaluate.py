@@ -1,6 +1,5 @@
 """Step 6: sample held-out captions through prior and cascade; measure them."""
 
-from __future__ import annotations
 
 import tempfile
 import time
@@ -36,7 +35,8 @@ def evaluate(
         hold = range(len(emb.keys))  # no held-out split configured: evaluate on training pairs
         logger.warning("data.holdout_fraction is 0: evaluating on training pairs")
     holdout = emb.select(list(hold))
-    images, _ = load_images(Path(dataset.path), set(holdout.keys))
+    images, keys = load_images(Path(dataset.path), set(holdout.keys))
+    images = images[[keys.index(k) for k in holdout.keys]]  # aligned with holdout rows
     stages = [s for _, s in sorted(unpack_stage(a) for a in decoder_unets)]
     metrics, samples, captions = recipes.evaluate(
         cfg,

@@ -1,6 +1,5 @@
 """Step 2: train a small CLIP on the pairs (only when no pretrained CLIP is configured)."""
 
-from __future__ import annotations
 
 import time
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Step 4: the diffusion prior, text embedding -> image embedding."""
 
-from __future__ import annotations
 
 import time
 from pathlib import Path
