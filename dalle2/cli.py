@@ -115,8 +115,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
             model_dir = _download_run(_find_run(args.run, uri), uri, Path(tmp))
         clip, prior, decoder = load_pipeline_models(model_dir)
     images, _ = generate(
-        clip, prior, decoder, prompts, device=device, batch_size=args.batch_size,
-        seed=args.seed, progress=not args.quiet,
+        clip,
+        prior,
+        decoder,
+        prompts,
+        device=device,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

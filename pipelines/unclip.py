@@ -1,11 +1,10 @@
 """The unCLIP training pipeline."""
 
-
 from typing import Any
 
 from zenml import pipeline
 
-from dalle2.config import parse_config
+from dalle2.config import ConfigError, parse_config
 from steps import (
     compute_clip_embeddings,
     download_images,
@@ -21,7 +20,11 @@ from steps import (
 def unclip_pipeline(config: dict[str, Any]) -> None:
     """download_images -> train_clip (or load_pretrained_clip) -> compute_clip_embeddings
     -> train_prior -> train_decoder_unet_{i} for each stage -> evaluate."""
-    cfg = parse_config(config)  # fail at compile time, before any step runs
+    try:
+        cfg = parse_config(config)  # fail at compile time, before any step runs
+    except ConfigError as err:
+        # The user-facing edge: one sentence and exit code 1, not a traceback.
+        raise SystemExit(f"error: {err}") from None
     dataset = download_images(config)
     if cfg.clip.pretrained_model is None:
         clip = train_clip(config, dataset)

@@ -1,6 +1,5 @@
 """Step 3: CLIP image and text embeddings for every pair, shard by shard."""
 
-
 import hashlib
 import shutil
 import time

@@ -1,6 +1,5 @@
 """Step 1: img2dataset downloads the URL list into shards; DVC versions them."""
 
-
 import time
 from typing import Annotated, Any
 

@@ -1,6 +1,5 @@
 """Step 6: sample held-out captions through prior and cascade; measure them."""
 
-
 import tempfile
 import time
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Step 2: train a small CLIP on the pairs (only when no pretrained CLIP is configured)."""
 
-
 import time
 from pathlib import Path
 from typing import Annotated, Any

@@ -1,6 +1,5 @@
 """Step 5: one decoder unet; reused as train_decoder_unet_{i} for every stage."""
 
-
 import time
 from pathlib import Path
 from typing import Annotated, Any

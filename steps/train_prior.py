@@ -1,6 +1,5 @@
 """Step 4: the diffusion prior, text embedding -> image embedding."""
 
-
 import time
 from pathlib import Path
 from typing import Annotated, Any

@@ -15,8 +15,17 @@ from dalle2.clip import ClipWeightsError, build_scratch_clip, load_clip, load_pr
 from dalle2.config import ClipTowerConfig
 from dalle2.models import pack_clip, unpack_clip
 
-TINY = ClipTowerConfig(embed_dim=16, image_size=32, vision_width=32, vision_layers=1,
-                       patch_size=16, text_width=32, text_layers=1, heads=2, context_length=16)
+TINY = ClipTowerConfig(
+    embed_dim=16,
+    image_size=32,
+    vision_width=32,
+    vision_layers=1,
+    patch_size=16,
+    text_width=32,
+    text_layers=1,
+    heads=2,
+    context_length=16,
+)
 CAPTIONS = ["a small red circle on a white background", "a large blue square on a gray background"]
 TINY_OPEN_CLIP = {
     "embed_dim": 16,
@@ -68,8 +77,10 @@ def test_local_dir_schema(tmp_path: Path) -> None:
     d = tmp_path / "model"
     d.mkdir()
     (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              d / "open_clip_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        d / "open_clip_model.safetensors",
+    )
     clip = load_pretrained_clip(f"local-dir:{d}", None)
     assert torch.equal(clip.model.text_projection, model.text_projection)
 

@@ -52,8 +52,14 @@ def test_bad_rows_are_counted(tmp_path: Path) -> None:
         ]
         urls = pd.DataFrame({"url": good + bad, "caption": [f"c{i}" for i in range(17)]})
         urls.to_csv(tmp_path / "urls.csv", index=False)
-        cfg = DataConfig(url_list=str(tmp_path / "urls.csv"), processes=1, threads=4,
-                         shard_size=8, min_success_ratio=0.5, timeout_s=5)
+        cfg = DataConfig(
+            url_list=str(tmp_path / "urls.csv"),
+            processes=1,
+            threads=4,
+            shard_size=8,
+            min_success_ratio=0.5,
+            timeout_s=5,
+        )
         stats = download_dataset(cfg, tmp_path / "data", tmp_path / "cache", progress=False)
     assert (stats.count, stats.successes) == (17, 12)
     assert stats.failed_to_download == 3  # 404, refused, bad URL
@@ -71,8 +77,7 @@ def test_low_success_ratio_stops_with_one_sentence_and_keeps_old_data(tmp_path: 
     (old / "keep.txt").write_text("previous download")
     urls = pd.DataFrame({"url": ["http://127.0.0.1:1/a.png"] * 4, "caption": ["x"] * 4})
     urls.to_parquet(tmp_path / "urls.parquet")
-    cfg = DataConfig(url_list=str(tmp_path / "urls.parquet"), processes=1, threads=2,
-                     timeout_s=2)
+    cfg = DataConfig(url_list=str(tmp_path / "urls.parquet"), processes=1, threads=2, timeout_s=2)
     with pytest.raises(DownloadError, match=r"only 0 of 4 images downloaded.*refused"):
         download_dataset(cfg, old, tmp_path / "cache", progress=False)
     assert (old / "keep.txt").read_text() == "previous download"
@@ -95,8 +100,7 @@ def test_bad_url_lists_are_rejected(tmp_path: Path, content, name, match) -> Non
 
 
 def _dvc(root: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True)
 
 
 def test_dvc_versioning_round_trip(tmp_path: Path) -> None:

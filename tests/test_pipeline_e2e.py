@@ -40,10 +40,33 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "dvc-remote")], root)
     zenml = str(BIN / "zenml")
     run([zenml, "init"], root)
-    run([zenml, "experiment-tracker", "register", "mlflow_tracker", "--flavor=mlflow",
-         f"--tracking_uri=sqlite:///{root / 'mlruns.db'}"], root)
-    run([zenml, "stack", "register", "test_stack", "-o", "default", "-a", "default",
-         "-e", "mlflow_tracker", "--set"], root)
+    run(
+        [
+            zenml,
+            "experiment-tracker",
+            "register",
+            "mlflow_tracker",
+            "--flavor=mlflow",
+            f"--tracking_uri=sqlite:///{root / 'mlruns.db'}",
+        ],
+        root,
+    )
+    run(
+        [
+            zenml,
+            "stack",
+            "register",
+            "test_stack",
+            "-o",
+            "default",
+            "-a",
+            "default",
+            "-e",
+            "mlflow_tracker",
+            "--set",
+        ],
+        root,
+    )
     return root
 
 
@@ -57,9 +80,21 @@ def _free_port() -> int:
 def mlflow_server(project: Path):
     port = _free_port()
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{project / 'mlruns.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{project / 'mlruns.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -82,7 +117,8 @@ def rest(base: str, path: str, body: dict | None = None) -> dict:
         req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}")
     else:
         req = urllib.request.Request(
-            f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+            f"{base}/api/2.0/mlflow/{path}",
+            data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -108,10 +144,23 @@ def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) 
     metrics = {m["key"]: m["value"] for m in r["data"]["metrics"]}
     params = {p["key"]: p["value"] for p in r["data"]["params"]}
     tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
-    for key in ("clip/loss", "prior/loss", "decoder_unet_0/loss", "decoder_unet_1/loss",
-                "clip_frechet_distance", "clip_score", "prior_cos_true", "text_image_cos",
-                "prior_cos_unrelated", "fidelity_color", "fidelity_shape", "fidelity_size",
-                "fidelity_background", "fidelity_all", "data/successes"):
+    for key in (
+        "clip/loss",
+        "prior/loss",
+        "decoder_unet_0/loss",
+        "decoder_unet_1/loss",
+        "clip_frechet_distance",
+        "clip_score",
+        "prior_cos_true",
+        "text_image_cos",
+        "prior_cos_unrelated",
+        "fidelity_color",
+        "fidelity_shape",
+        "fidelity_size",
+        "fidelity_background",
+        "fidelity_all",
+        "data/successes",
+    ):
         assert key in metrics, f"{key} missing from the MLflow run"
     assert "fid" not in metrics, "without Inception weights the distance must not be called fid"
     assert metrics["data/successes"] == 216
@@ -123,7 +172,8 @@ def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) 
     run_id = r["info"]["run_id"]
     models = rest(mlflow_server, f"artifacts/list?run_id={run_id}&path=models")["files"]
     names = {f["path"] for f in models}
-    assert {"models/clip", "models/prior", "models/decoder_unet_0", "models/decoder_unet_1"} <= names
+    expected = {"clip", "prior", "decoder_unet_0", "decoder_unet_1"}
+    assert {f"models/{n}" for n in expected} <= names
     samples = rest(mlflow_server, f"artifacts/list?run_id={run_id}&path=samples")["files"]
     assert any(f["path"] == "samples/samples.png" and int(f["file_size"]) > 0 for f in samples)
 
@@ -131,9 +181,22 @@ def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) 
 def test_generate_from_latest_run(first_run: Path) -> None:
     out = first_run / "generated"
     uri = f"sqlite:///{first_run / 'mlruns.db'}"
-    run([str(BIN / "dalle2"), "generate", "a large red circle on a white background",
-         "a small blue square on a black background", "--run", "latest",
-         "--tracking-uri", uri, "--out", str(out), "--quiet"], first_run)
+    run(
+        [
+            str(BIN / "dalle2"),
+            "generate",
+            "a large red circle on a white background",
+            "a small blue square on a black background",
+            "--run",
+            "latest",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        first_run,
+    )
     table = pd.read_csv(out / "prompts.csv")
     assert list(table.columns) == ["prompt", "image"]
     assert len(table) == 2
@@ -164,7 +227,13 @@ def test_bad_config_fails_before_any_step(project: Path) -> None:
     bad = project / "bad.yaml"
     bad.write_text((project / "tiny.yaml").read_text().replace("num_synthetic", "num_synthtic"))
     env = {**os.environ, "ZENML_REPOSITORY_PATH": str(project)}
-    proc = subprocess.run([str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "bad.yaml"],
-                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "bad.yaml"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "data.num_synthtic" in proc.stdout + proc.stderr

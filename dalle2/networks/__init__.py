@@ -1,6 +1,6 @@
-"""Networks: attention/resnet layers, the decoder unet and the prior transformer.
+"""Networks: shared layers, the decoder UNet and the prior transformer.
 
-They know nothing of diffusion: no betas, no losses.
+They know nothing of diffusion (no betas, no losses): the diffusion process is handed them.
 """
 
 from dalle2.networks.prior_transformer import PriorTransformer

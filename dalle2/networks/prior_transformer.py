@@ -1,9 +1,12 @@
-"""The prior's denoiser: a causal transformer over conditioning tokens and the noised
-image embedding, read out at a final learned query token.
+"""The prior's denoiser: a causal transformer read out at a final learned query token.
 
-Sequence: [text tokens (only those given; never padded up to max_text_len), text
-embedding, time, noised image embedding, query]. Dropped samples (classifier-free
-guidance) see a learned null text embedding and none of their text tokens.
+Sequence (DALL-E 2, section 2.2): [text tokens, text embedding, time, noised image
+embedding, query]. Text tokens appear only when given and only as many as given: they are
+never padded up to max_text_len, so the common case is a 4-token sequence.
+
+Classifier-free guidance: a dropped sample's text embedding token is swapped for a learned
+null token, and its text tokens are masked out of every attention row (each token still
+sees itself, so no row is empty and no NaN appears). Its output then depends on neither.
 """
 
 from __future__ import annotations
@@ -12,48 +15,80 @@ import torch
 from torch import Tensor, nn
 
 from dalle2.config import PriorNetConfig
-from dalle2.networks.layers import Attention, TimeMLP
+from dalle2.networks.layers import Attention, FeedForward, TimestepEmbedding
+
+NUM_SPECIAL = 4  # text embedding, time, x_t, query
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer."""
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + ff(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int, dropout: float) -> None:
+    def __init__(self, cfg: PriorNetConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(
-            nn.Linear(dim, dim * ff_mult),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(dim * ff_mult, dim),
-        )
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.dim_head, dropout=cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.ff = FeedForward(cfg.dim, cfg.ff_mult, swiglu=True, dropout=cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask, causal=causal)
+    def forward(self, x: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
+        """(B, T, dim) -> (B, T, dim), or (B, 1, dim) for the last token when `last_only`.
+
+        `mask` is a bool (B, 1, T, T) attention mask; None means plain causal.
+        """
+        if last_only:  # the readout needs one row: skip the others' queries and MLPs
+            rows = None if mask is None else mask[:, :, -1:]  # (B, 1, 1, T)
+            x = x[:, -1:] + self.attn(self.norm1(x), attn_mask=rows, last_only=True)
+        else:
+            x = x + self.attn(self.norm1(x), attn_mask=mask, is_causal=mask is None)
         return x + self.ff(self.norm2(x))
 
 
 class PriorTransformer(nn.Module):
-    """Predicts the clean (or eps/v) image embedding; see the module docstring."""
+    """Predicts a clean (or eps / v) image embedding; see the module docstring."""
 
     def __init__(self, cfg: PriorNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
-        self.text_in = nn.Linear(cfg.embed_dim, d)
+        self.text_embed_in = nn.Linear(cfg.embed_dim, d)
         self.x_in = nn.Linear(cfg.embed_dim, d)
-        self.time = TimeMLP(d, d)
-        self.null_text = nn.Parameter(torch.randn(cfg.embed_dim) * 0.02)
+        self.time_embed = TimestepEmbedding(d, d)
+        self.null_text_embed = nn.Parameter(torch.randn(d) * 0.02)
         self.query = nn.Parameter(torch.randn(d) * 0.02)
-        self.tokens_in = nn.Linear(cfg.text_token_dim, d) if cfg.text_token_dim else None
-        self.pos = nn.Parameter(torch.randn(cfg.max_text_len + 4, d) * 0.02)
-        self.blocks = nn.ModuleList(
-            Block(d, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.dropout) for _ in range(cfg.depth)
+        self.text_tokens_in = (
+            nn.Linear(cfg.text_token_dim, d) if cfg.text_token_dim is not None else None
         )
-        self.norm = nn.LayerNorm(d)
-        self.out = nn.Linear(d, cfg.embed_dim)
+        max_tokens = cfg.max_text_len if cfg.text_token_dim is not None else 0
+        # text tokens use rows [0, N); the four special tokens always use the last four rows
+        self.pos = nn.Parameter(torch.randn(max_tokens + NUM_SPECIAL, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(d)
+        self.to_out = nn.Linear(d, cfg.embed_dim)
+
+    def _text_tokens(
+        self,
+        text_tokens: Tensor,
+        text_mask: Tensor | None,
+        drop_text: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Project the tokens and build the (B, N) key mask: real and not dropped."""
+        if self.text_tokens_in is None:
+            raise ValueError(
+                "text_tokens were given but the prior was built with text_token_dim=None; "
+                "set net.text_token_dim or stop passing text tokens"
+            )
+        b, n, _ = text_tokens.shape
+        if n > self.cfg.max_text_len:
+            raise ValueError(
+                f"{n} text tokens exceed max_text_len={self.cfg.max_text_len}; truncate them"
+            )
+        tokens = self.text_tokens_in(text_tokens).float() + self.pos[:n]  # (B, N, d)
+        keep = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+        if text_mask is not None:
+            keep = keep & text_mask.bool()
+        if drop_text is not None:
+            keep = keep & ~drop_text[:, None]
+        return tokens, keep
 
     def forward(
         self,
@@ -64,37 +99,40 @@ class PriorTransformer(nn.Module):
         text_mask: Tensor | None = None,
         drop_text: Tensor | None = None,
     ) -> Tensor:
-        """(B, E) noised embedding -> (B, E) prediction."""
+        """Predict from a noised image embedding (B, E) -> (B, E).
+
+        Args:
+            x_t: noised image embedding.
+            t: (B,) timesteps.
+            text_embed: (B, E) CLIP text embedding.
+            text_tokens: (B, N, text_token_dim) per-token text encodings, N <= max_text_len.
+            text_mask: (B, N) bool, True = real token.
+            drop_text: (B,) bool; True swaps text embedding and tokens for learned nulls.
+        """
         b = x_t.shape[0]
+        text = self.text_embed_in(text_embed)  # (B, d)
         if drop_text is not None:
-            text_embed = torch.where(
-                drop_text[:, None], self.null_text.to(text_embed.dtype), text_embed
-            )
-        text = self.text_in(text_embed)
-        dt = text.dtype  # bf16 under autocast: keep every token in it
-        core = torch.stack(
-            [text, self.time(t).to(dt), self.x_in(x_t).to(dt), self.query.to(dt).expand(b, -1)],
+            text = torch.where(drop_text[:, None], self.null_text_embed.to(text.dtype), text)
+        special = torch.stack(
+            [
+                text.float(),
+                self.time_embed(t).float(),
+                self.x_in(x_t).float(),
+                self.query.expand(b, -1),
+            ],
             dim=1,
-        )  # (B, 4, d)
+        )  # (B, 4, d); the residual stream stays fp32 under autocast
+        seq = special + self.pos[-NUM_SPECIAL:]  # (B, 4, d)
         mask = None
-        use_tokens = text_tokens is not None and self.tokens_in is not None
-        if use_tokens:
-            n = text_tokens.shape[1]
-            tokens = self.tokens_in(text_tokens.to(self.tokens_in.weight.dtype))  # (B, N, d)
-            seq = torch.cat([tokens.to(core.dtype), core], dim=1)  # (B, N+4, d)
-            valid = torch.ones(b, n + 4, dtype=torch.bool, device=x_t.device)
-            if text_mask is not None:
-                valid[:, :n] = text_mask.bool()
-            if drop_text is not None:
-                valid[:, :n] &= ~drop_text[:, None]
-            length = n + 4
-            causal = torch.ones(length, length, dtype=torch.bool, device=x_t.device).tril()
-            mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, L, L)
-            # a padded query row would see nothing: let every row see itself
-            mask = mask | torch.eye(length, dtype=torch.bool, device=x_t.device)[None, None]
-        else:
-            seq = core
-        seq = seq + self.pos[: seq.shape[1]].to(seq.dtype)
-        for block in self.blocks:
-            seq = block(seq, mask, causal=mask is None)
-        return self.out(self.norm(seq[:, -1]))  # (B, E)
+        if text_tokens is not None:
+            tokens, keep = self._text_tokens(text_tokens, text_mask, drop_text)
+            seq = torch.cat([tokens, seq], dim=1)  # (B, T, d), T = N + 4
+            length = seq.shape[1]
+            keys = torch.cat([keep, keep.new_ones(b, NUM_SPECIAL)], dim=1)  # (B, T)
+            causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
+            eye = torch.eye(length, dtype=torch.bool, device=seq.device)
+            mask = ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+
+        for i, block in enumerate(self.blocks):
+            seq = block(seq, mask, last_only=i == len(self.blocks) - 1)
+        return self.to_out(self.norm_out(seq[:, -1]))  # (B, E)

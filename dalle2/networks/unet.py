@@ -1,12 +1,18 @@
-"""The decoder's image denoiser: a unet conditioned on time and a CLIP image embedding.
+"""The decoder's image denoiser: a UNet conditioned on time and a CLIP image embedding.
 
-The embedding enters twice (as in unCLIP): added to the time embedding, and as a few
-context tokens that attention layers cross-attend to. Upsampler stages also get the
-previous stage's image, concatenated to the input. `fold` pixel-unshuffles the input so
-that a 32px stage convolves at 16px, for a large speedup at the same receptive field.
+The image embedding enters twice, as in unCLIP (Ramesh et al. 2022): added to the time
+embedding (scale-shift in every resblock), and as a few context tokens that the attention
+blocks attend to. Upsampler stages also get the previous stage's image concatenated to
+the input. `fold` pixel-unshuffles the input so that, e.g., a 32px stage convolves at 16px.
+
+Layout: level i works at resolution H / fold / 2**i with dim * dim_mults[i] channels.
+Channel changes happen in the down/up-samplers, so every resblock of the down path is
+C -> C (no 1x1 skip convs), and the up path mirrors it with one concatenated skip per block.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -14,147 +20,133 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dalle2.config import UNetConfig
-from dalle2.networks.layers import Attention, TimeMLP, group_norm
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the conditioning vector as scale and shift."""
-
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = group_norm(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout)
-        self.norm2 = group_norm(cout)
-        self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.drop(F.silu(h)))
-        return h + self.skip(x)
-
-
-class AttnBlock(nn.Module):
-    """Self-attention over pixels, then cross-attention to the context tokens (if any)."""
-
-    def __init__(self, ch: int, heads: int, dim_head: int, context_dim: int | None) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(ch)
-        self.attn = Attention(ch, heads, dim_head)
-        self.cross = None
-        if context_dim is not None:
-            self.cross_norm = nn.LayerNorm(ch)
-            self.cross = Attention(ch, heads, dim_head, context_dim=context_dim)
-
-    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        h, w = x.shape[-2:]
-        tokens = rearrange(x, "b c h w -> b (h w) c")
-        tokens = tokens + self.attn(self.norm(tokens))
-        if self.cross is not None and context is not None:
-            tokens = tokens + self.cross(self.cross_norm(tokens), context)
-        return rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)
+from dalle2.networks.layers import (
+    Downsample,
+    ResBlock,
+    SpatialAttention,
+    TimestepEmbedding,
+    Upsample,
+    group_norm,
+)
 
 
 class Level(nn.Module):
-    """Resnet blocks of one resolution, each optionally followed by attention."""
+    """The resblocks of one resolution, each followed by attention when the level has it."""
 
-    def __init__(self, blocks: list[ResBlock], attns: list[AttnBlock | None]) -> None:
+    def __init__(
+        self,
+        in_chs: list[int],
+        ch: int,
+        emb_dim: int,
+        dropout: float,
+        attn: bool,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None,
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.attns = nn.ModuleList([a if a is not None else nn.Identity() for a in attns])
+        self.blocks = nn.ModuleList(ResBlock(c, ch, emb_dim, dropout) for c in in_chs)
+        self.attns = nn.ModuleList(
+            SpatialAttention(ch, heads, dim_head, context_dim) for _ in in_chs if attn
+        )
 
 
 class UNet(nn.Module):
-    """Denoiser for one decoder stage; see the module docstring."""
+    """Denoiser of one decoder stage; see the module docstring."""
+
+    channels_last = True
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        f2 = cfg.fold**2
-        in_ch = cfg.in_channels * (2 if cfg.lowres_cond else 1) * f2
-        out_ch = cfg.in_channels * (2 if cfg.learned_variance else 1)
-        emb_dim = cfg.dim * 4
-        chans = [cfg.dim * m for m in cfg.dim_mults]
+        fold2 = cfg.fold**2
+        in_ch = cfg.in_channels * (2 if cfg.lowres_cond else 1) * fold2
+        self.out_channels = cfg.in_channels * (2 if cfg.learned_variance else 1)
+        emb_dim = 4 * cfg.dim  # improved-diffusion's time embedding width
+        chs = [cfg.dim * m for m in cfg.dim_mults]
         ctx = cfg.cond_dim if cfg.num_image_tokens > 0 else None
 
-        self.time = TimeMLP(cfg.dim, emb_dim)
-        self.embed_to_emb = nn.Linear(cfg.image_embed_dim, emb_dim)
+        # conditioning
+        self.time_embed = TimestepEmbedding(cfg.dim, emb_dim)
+        self.image_to_emb = nn.Linear(cfg.image_embed_dim, emb_dim)
         self.null_emb = nn.Parameter(torch.zeros(emb_dim))
-        if cfg.lowres_cond:
-            self.aug_time = TimeMLP(cfg.dim, emb_dim)
+        self.aug_embed = TimestepEmbedding(cfg.dim, emb_dim) if cfg.lowres_cond else None
         if ctx is not None:
-            self.embed_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.num_image_tokens * ctx)
-            self.null_tokens = nn.Parameter(torch.randn(cfg.num_image_tokens, ctx) * 0.02)
+            self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.num_image_tokens * ctx)
             self.context_norm = nn.LayerNorm(ctx)
+            self.null_tokens = nn.Parameter(torch.randn(cfg.num_image_tokens, ctx) * 0.02)
 
-        def attn(level: int, ch: int) -> AttnBlock | None:
-            if level not in cfg.attn_levels:
-                return None
-            return AttnBlock(ch, cfg.heads, cfg.dim_head, ctx)
-
-        self.init_conv = nn.Conv2d(in_ch, cfg.dim, 3, padding=1)
-        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        ch, skips = cfg.dim, []
-        for i, c in enumerate(chans):
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch, c, emb_dim, cfg.dropout))
-                ch = c
-                skips.append(ch)
-            self.down.append(Level(blocks, [attn(i, c) for _ in blocks]))
-            last = i == len(chans) - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, 2, 1))
-        self.mid1 = ResBlock(ch, ch, emb_dim, cfg.dropout)
-        self.mid_attn = AttnBlock(ch, cfg.heads, cfg.dim_head, ctx)
-        self.mid2 = ResBlock(ch, ch, emb_dim, cfg.dropout)
-        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i, c in reversed(list(enumerate(chans))):
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch + skips.pop(), c, emb_dim, cfg.dropout))
-                ch = c
-            self.up.append(Level(blocks, [attn(i, c) for _ in blocks]))
-            self.upsample.append(
-                nn.Identity()
-                if i == 0
-                else nn.Sequential(
-                    nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)
-                )
+        def level(i: int, in_chs: list[int]) -> Level:
+            return Level(
+                in_chs,
+                chs[i],
+                emb_dim,
+                cfg.dropout,
+                i in cfg.attn_levels,
+                cfg.heads,
+                cfg.dim_head,
+                ctx,
             )
-        self.out_norm = group_norm(ch)
-        self.out_conv = nn.Conv2d(ch, out_ch * f2, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)
+
+        n = cfg.num_res_blocks
+        self.init_conv = nn.Conv2d(in_ch, chs[0], 3, padding=1)
+        self.downs = nn.ModuleList(level(i, [chs[i]] * n) for i in range(len(chs)))
+        pairs = list(itertools.pairwise(chs))  # (ch_i, ch_{i+1})
+        self.downsamples = nn.ModuleList(Downsample(a, b) for a, b in pairs)
+        self.mid1 = ResBlock(chs[-1], chs[-1], emb_dim, cfg.dropout)
+        self.mid_attn = SpatialAttention(chs[-1], cfg.heads, cfg.dim_head, ctx)
+        self.mid2 = ResBlock(chs[-1], chs[-1], emb_dim, cfg.dropout)
+        self.ups = nn.ModuleList(level(i, [2 * chs[i]] * n) for i in reversed(range(len(chs))))
+        self.upsamples = nn.ModuleList(Upsample(b, a) for a, b in reversed(pairs))
+        self.out_norm = group_norm(chs[0])
+        self.out_conv = nn.Conv2d(chs[0], self.out_channels * fold2, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)  # the net starts as the zero function: stable
         nn.init.zeros_(self.out_conv.bias)
 
     def _conditioning(
-        self, t: Tensor, image_embed: Tensor, aug: Tensor | None, drop: Tensor | None
+        self,
+        t: Tensor,
+        image_embed: Tensor,
+        aug_level: Tensor | None,
+        drop: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
-        b = t.shape[0]
-        emb_from_image = self.embed_to_emb(image_embed)  # (B, emb)
-        tokens = None
-        if self.cfg.num_image_tokens > 0:
-            tokens = rearrange(
-                self.embed_to_tokens(image_embed), "b (n d) -> b n d", n=self.cfg.num_image_tokens
-            )
+        """Activated embedding for the resblocks (B, emb) and context tokens (B, S, cond)."""
+        cond = self.image_to_emb(image_embed)  # (B, emb)
         if drop is not None:
-            keep = (~drop).to(emb_from_image.dtype)[:, None]
-            emb_from_image = emb_from_image * keep + self.null_emb.to(emb_from_image.dtype) * (
-                1 - keep
+            cond = torch.where(drop[:, None], self.null_emb.to(cond.dtype), cond)
+        emb = self.time_embed(t) + cond  # (B, emb)
+        if self.aug_embed is not None:
+            if aug_level is None:
+                aug_level = torch.zeros_like(t, dtype=torch.float32)
+            emb = emb + self.aug_embed(aug_level * 1000)  # same frequency range as t
+        context = None
+        if self.cfg.num_image_tokens > 0:
+            context = self.context_norm(
+                rearrange(
+                    self.image_to_tokens(image_embed),
+                    "b (n d) -> b n d",
+                    n=self.cfg.num_image_tokens,
+                )
+            )  # (B, S, cond)
+            if drop is not None:
+                context = torch.where(
+                    drop[:, None, None], self.null_tokens.to(context.dtype), context
+                )
+        return F.silu(emb), context
+
+    def _check_lowres(self, x: Tensor, lowres: Tensor | None) -> None:
+        if self.cfg.lowres_cond and lowres is None:
+            raise ValueError(
+                "this UNet is an upsampler (lowres_cond=True): pass the previous stage's "
+                "image as `lowres`"
             )
-            if tokens is not None:
-                null = self.null_tokens.to(tokens.dtype).expand(b, -1, -1)
-                tokens = torch.where(drop[:, None, None], null, tokens)
-        emb = self.time(t) + emb_from_image
-        if self.cfg.lowres_cond:
-            level = aug if aug is not None else torch.zeros(b, device=t.device)
-            emb = emb + self.aug_time(level * 1000)
-        if tokens is not None:
-            tokens = self.context_norm(tokens)
-        return emb, tokens
+        if not self.cfg.lowres_cond and lowres is not None:
+            raise ValueError("this UNet takes no `lowres` image (lowres_cond=False); drop it")
+        if lowres is not None and lowres.shape != x.shape:
+            raise ValueError(
+                f"`lowres` has shape {tuple(lowres.shape)} but must match x {tuple(x.shape)}: "
+                "resize it to x's size first"
+            )
 
     def forward(
         self,
@@ -165,30 +157,45 @@ class UNet(nn.Module):
         lowres_aug_level: Tensor | None = None,
         drop_cond: Tensor | None = None,
     ) -> Tensor:
-        """(B, C, H, W) -> (B, C or 2C, H, W); see UNetConfig for the conditioning."""
-        if self.cfg.lowres_cond:
-            if lowres is None:
-                raise ValueError("this unet is an upsampler: pass the low-res image as `lowres`")
-            x = torch.cat([x, lowres.to(x.dtype)], dim=1)
-        elif lowres is not None:
-            raise ValueError("this unet takes no low-res image (unet.lowres_cond is false)")
-        f = self.cfg.fold
-        if f > 1:
-            x = F.pixel_unshuffle(x, f)  # (B, C*f*f, H/f, W/f)
+        """Predict from a noised image (B, C, H, W) -> (B, C or 2C, H, W).
+
+        Args:
+            x: noised image.
+            t: (B,) timesteps, long or float.
+            image_embed: (B, image_embed_dim) CLIP image embedding.
+            lowres: previous stage's image at x's size; required iff cfg.lowres_cond.
+            lowres_aug_level: (B,) noise-augmentation level in [0, 1] (zeros if None).
+            drop_cond: (B,) bool; True swaps the image conditioning for learned nulls.
+        """
+        self._check_lowres(x, lowres)
+        if lowres is not None:
+            x = torch.cat([x, lowres.to(x.dtype)], dim=1)  # (B, 2C, H, W)
+        fold = self.cfg.fold
+        if fold > 1:
+            x = F.pixel_unshuffle(x, fold)  # (B, C * f * f, H / f, W / f)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         emb, context = self._conditioning(t, image_embed, lowres_aug_level, drop_cond)
-        h = self.init_conv(x)
+
+        h = self.init_conv(x)  # (B, ch0, h, w)
         skips = []
-        for level, down in zip(self.down, self.downsample, strict=True):
-            for block, attn in zip(level.blocks, level.attns, strict=True):
+        for i, down in enumerate(self.downs):
+            for j, block in enumerate(down.blocks):
                 h = block(h, emb)
-                h = attn(h, context) if isinstance(attn, AttnBlock) else h
+                if down.attns:
+                    h = down.attns[j](h, context)
                 skips.append(h)
-            h = down(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb), context), emb)
-        for level, up in zip(self.up, self.upsample, strict=True):
-            for block, attn in zip(level.blocks, level.attns, strict=True):
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)
-                h = attn(h, context) if isinstance(attn, AttnBlock) else h
-            h = up(h)
-        out = self.out_conv(F.silu(self.out_norm(h)))
-        return F.pixel_shuffle(out, f) if f > 1 else out
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)  # (B, ch_{i+1}, h / 2, w / 2)
+        h = self.mid1(h, emb)
+        h = self.mid_attn(h, context)
+        h = self.mid2(h, emb)
+        for i, up in enumerate(self.ups):
+            for j, block in enumerate(up.blocks):
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, ch, h, w)
+                if up.attns:
+                    h = up.attns[j](h, context)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)  # (B, ch_{i-1}, 2h, 2w)
+        out = self.out_conv(F.silu(self.out_norm(h)))  # (B, C_out * f * f, h, w)
+        return F.pixel_shuffle(out, fold) if fold > 1 else out  # (B, C_out, H, W)
