@@ -14,9 +14,12 @@ export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1
 
 zenml=".venv/bin/zenml"
 [ -d .zen ] || "$zenml" init >/dev/null
-if ! "$zenml" experiment-tracker describe mlflow_tracker >/dev/null 2>&1; then
-  "$zenml" experiment-tracker register mlflow_tracker --flavor=mlflow \
-    --tracking_uri="sqlite:///$root/mlruns.db" >/dev/null
+# A relative URI: each checkout keeps its own ./mlruns.db (pipelines run from the repo root).
+uri="sqlite:///mlruns.db"
+if "$zenml" experiment-tracker describe mlflow_tracker >/dev/null 2>&1; then
+  "$zenml" experiment-tracker update mlflow_tracker --tracking_uri="$uri" >/dev/null
+else
+  "$zenml" experiment-tracker register mlflow_tracker --flavor=mlflow --tracking_uri="$uri" >/dev/null
 fi
 if ! "$zenml" stack describe unclip_stack >/dev/null 2>&1; then
   "$zenml" stack register unclip_stack -o default -a default -e mlflow_tracker >/dev/null
@@ -26,4 +29,4 @@ fi
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 [ -d .dvc ] || .venv/bin/dvc init -q
 .venv/bin/dvc remote list | grep -q . || .venv/bin/dvc remote add -d local ../dvc-storage
-echo "set-up done: .venv, ZenML stack 'unclip_stack' (MLflow at sqlite:///$root/mlruns.db), DVC"
+echo "set-up done: .venv, ZenML stack 'unclip_stack' (MLflow at $root/mlruns.db), DVC"
