@@ -1,0 +1,113 @@
+"""Network shapes, conditioning contracts, bf16 autocast, and small overfitting checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle2.config import PriorNetConfig, UNetConfig
+from dalle2.networks import PriorTransformer, UNet
+
+TINY = dict(
+    dim=8,
+    dim_mults=(1, 2),
+    num_res_blocks=1,
+    heads=2,
+    dim_head=8,
+    image_embed_dim=16,
+    num_image_tokens=2,
+    cond_dim=16,
+    attn_levels=(1,),
+)
+
+
+@pytest.mark.parametrize("fold", [1, 2])
+@pytest.mark.parametrize("lowres", [False, True])
+@pytest.mark.parametrize("learned_variance", [False, True])
+def test_unet_shapes(fold: int, lowres: bool, learned_variance: bool) -> None:
+    net = UNet(UNetConfig(**TINY, fold=fold, lowres_cond=lowres, learned_variance=learned_variance))
+    x = torch.randn(2, 3, 16, 16)
+    low = torch.randn(2, 3, 16, 16) if lowres else None
+    out = net(x, torch.tensor([3, 500]), torch.randn(2, 16), low, torch.rand(2) if lowres else None)
+    assert out.shape == (2, 6 if learned_variance else 3, 16, 16)
+
+
+def test_unet_lowres_contract_is_checked() -> None:
+    up = UNet(UNetConfig(**TINY, lowres_cond=True))
+    with pytest.raises(ValueError, match="low"):
+        up(torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.randn(1, 16))
+
+
+def test_unet_dropped_condition_ignores_the_embedding() -> None:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**TINY))
+    for p in net.parameters():  # leave the zero-initialised output conv behind
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
+    e1, e2 = torch.randn(2, 16), torch.randn(2, 16)
+    drop = torch.tensor([True, True])
+    assert torch.allclose(net(x, t, e1, drop_cond=drop), net(x, t, e2, drop_cond=drop), atol=1e-6)
+    assert not torch.allclose(net(x, t, e1), net(x, t, e2), atol=1e-4)
+
+
+def test_unet_bf16_autocast_forward_backward_is_finite() -> None:
+    net = UNet(UNetConfig(**TINY, fold=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.randn(2, 16))
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_unet_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**TINY))
+    x, t, e = torch.randn(4, 3, 16, 16), torch.full((4,), 100), torch.randn(4, 16)
+    target = torch.randn(4, 3, 16, 16).clamp(-1, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = F.mse_loss(net(x, t, e), target)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10
+
+
+def _prior(**kw) -> PriorTransformer:
+    return PriorTransformer(
+        PriorNetConfig(dim=32, depth=2, heads=2, dim_head=16, embed_dim=16, **kw)
+    )
+
+
+def test_prior_shapes_and_padding_mask() -> None:
+    torch.manual_seed(0)
+    net = _prior(text_token_dim=8, max_text_len=6).eval()
+    x, t, e = torch.randn(2, 16), torch.tensor([1, 2]), torch.randn(2, 16)
+    tokens = torch.randn(2, 6, 8)
+    mask = torch.tensor([[True] * 3 + [False] * 3] * 2)
+    out = net(x, t, e, tokens, mask)
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
+    changed = tokens.clone()
+    changed[:, 3:] = torch.randn(2, 3, 8) * 10  # only padded positions change
+    assert torch.allclose(out, net(x, t, e, changed, mask), atol=1e-5)
+    assert not torch.allclose(out, net(x, t, e, tokens * 2, mask), atol=1e-4)
+
+
+def test_prior_dropped_text_ignores_text() -> None:
+    torch.manual_seed(0)
+    net = _prior(text_token_dim=8, max_text_len=4).eval()
+    x, t = torch.randn(2, 16), torch.tensor([5, 5])
+    drop = torch.tensor([True, True])
+    a = net(x, t, torch.randn(2, 16), torch.randn(2, 4, 8), drop_text=drop)
+    b = net(x, t, torch.randn(2, 16), torch.randn(2, 4, 8), drop_text=drop)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_prior_bf16_autocast_is_finite() -> None:
+    net = _prior()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(3, 16), torch.tensor([1, 2, 3]), torch.randn(3, 16))
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

@@ -1,0 +1,126 @@
+"""DiffusionPrior and the decoder cascade: training signal, sampling, files round trip."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dalle2.config import (
+    DecoderStageConfig,
+    DiffusionConfig,
+    PriorConfig,
+    PriorNetConfig,
+    SampleConfig,
+    TrainConfig,
+    UNetConfig,
+)
+from dalle2.decoder import Decoder, DecoderStage, gaussian_blur
+from dalle2.models import pack_prior, pack_stage, unpack_prior, unpack_stage
+from dalle2.prior import DiffusionPrior
+from dalle2.trainer import Trainer
+
+UNET = dict(
+    dim=8,
+    dim_mults=(1, 2),
+    num_res_blocks=1,
+    heads=2,
+    dim_head=8,
+    image_embed_dim=16,
+    num_image_tokens=2,
+    cond_dim=16,
+    attn_levels=(1,),
+)
+
+
+def test_prior_learns_to_map_16_text_embeddings_to_their_image_embeddings() -> None:
+    torch.manual_seed(0)
+    text, image = torch.randn(16, 32), torch.randn(16, 32)
+    cfg = PriorConfig(
+        net=PriorNetConfig(dim=64, depth=2, heads=4, dim_head=16, embed_dim=32),
+        diffusion=DiffusionConfig(num_steps=100, prediction="x0"),
+        cond_drop_prob=0.0,
+        train=TrainConfig(
+            steps=400,
+            batch_size=16,
+            lr=2e-3,
+            warmup_steps=20,
+            ema_decay=0.9,
+            precision="fp32",
+            log_every=100,
+        ),
+        sample=SampleConfig(sampler="ddim", steps=20, clamp="none"),
+        best_of=1,
+    )
+    trainer = Trainer(DiffusionPrior(cfg), cfg.train, lambda m, b: m.loss(*b), progress=False)
+    trainer.fit(iter(lambda: (text, image), None))
+    pred = trainer.ema.eval().sample(text, generator=torch.Generator().manual_seed(0))
+    cos = F.cosine_similarity(pred, image, dim=-1)
+    assert cos.mean() > 0.95, cos
+
+
+def test_prior_best_of_keeps_the_candidate_closest_to_the_text() -> None:
+    torch.manual_seed(0)
+    cfg = PriorConfig(
+        net=PriorNetConfig(dim=32, depth=1, heads=2, dim_head=16, embed_dim=8),
+        diffusion=DiffusionConfig(num_steps=20, prediction="x0"),
+        sample=SampleConfig(steps=4, clamp="none"),
+    )
+    prior = DiffusionPrior(cfg).eval()
+    text = torch.randn(3, 8)
+    one = prior.sample(text, best_of=1, generator=torch.Generator().manual_seed(1))
+    four = prior.sample(text, best_of=4, generator=torch.Generator().manual_seed(1))
+    assert one.shape == four.shape == (3, 8)
+    assert torch.allclose(four.norm(dim=-1), torch.ones(3), atol=1e-5)
+    sim = lambda e: F.cosine_similarity(e, text, dim=-1)  # noqa: E731
+    assert (sim(four) >= sim(one) - 1e-6).all()
+
+
+def _stages() -> list[DecoderStage]:
+    base = DecoderStageConfig(
+        image_size=8,
+        unet=UNetConfig(**UNET),
+        diffusion=DiffusionConfig(num_steps=50, prediction="v"),
+        sample=SampleConfig(sampler="dpmpp_2m", steps=3, guidance_scale=2),
+    )
+    up = DecoderStageConfig(
+        image_size=16,
+        lowres_size=8,
+        unet=UNetConfig(**UNET, lowres_cond=True, fold=2),
+        diffusion=DiffusionConfig(num_steps=50),
+        random_crop=8,
+        sample=SampleConfig(sampler="ddim", steps=2),
+    )
+    return [DecoderStage(base), DecoderStage(up)]
+
+
+def test_decoder_stages_train_and_cascade() -> None:
+    torch.manual_seed(0)
+    stages = _stages()
+    images, embed = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 16)
+    for stage in stages:
+        loss = stage.loss(images, embed)
+        loss.backward()
+        assert torch.isfinite(loss)
+    out = Decoder(stages).eval().sample(embed, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+
+
+def test_blur_keeps_flat_images_flat_and_smooths_edges() -> None:
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5, 1.0])), flat, atol=1e-6)
+    edge = torch.zeros(1, 1, 8, 8)
+    edge[..., 4:] = 1
+    blurred = gaussian_blur(edge, torch.tensor([1.0]))
+    assert 0 < blurred[0, 0, 0, 3] < 0.5 < blurred[0, 0, 0, 4] < 1
+
+
+def test_models_round_trip_bit_exact_through_files() -> None:
+    stage = _stages()[1]
+    index, again = unpack_stage(pack_stage(stage, 1))
+    assert index == 1 and again.cfg == stage.cfg
+    for k, v in stage.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    prior = DiffusionPrior(PriorConfig(net=PriorNetConfig(dim=32, depth=1, embed_dim=8)))
+    back = unpack_prior(pack_prior(prior))
+    for k, v in prior.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
