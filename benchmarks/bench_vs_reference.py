@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -587,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, help="seconds allowed per child")
     parser.add_argument("--json", type=Path, help="also write every child's figures here")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) becomes SystemExit, so subprocess.run kills the running
+    # child on the way out instead of leaving it to burn the CPU on its own
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     spec: dict[str, Any] = json.loads(json.dumps(QUICK if args.quick else FULL))
     spec["seed"] = 0
@@ -624,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             results[f"{case}/{side}"] = res
+            if args.json:  # after every child, so a cut-short run still leaves its figures
+                args.json.write_text(json.dumps({"spec": spec, "results": results}, indent=2))
 
     rows = []
     for case in cases:
@@ -637,8 +643,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.quick:
         print("--quick shrinks every size: it checks the script, its figures mean nothing.")
-    if args.json:
-        args.json.write_text(json.dumps({"spec": spec, "results": results}, indent=2))
     return 1 if failed else 0
 
 
