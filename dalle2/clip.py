@@ -154,6 +154,7 @@ def build_scratch_clip(cfg: ClipTowerConfig, captions: Sequence[str]) -> OpenCli
         # Keep order so the end-of-text token stays the largest id (open_clip pools at argmax).
         vocab = sorted(set(used.tolist()) | {0})
         vocab_size = len(vocab)
+    resnet = not isinstance(cfg.vision_layers, int)
     source = {
         "kind": "scratch",
         "embed_dim": cfg.embed_dim,
@@ -162,7 +163,8 @@ def build_scratch_clip(cfg: ClipTowerConfig, captions: Sequence[str]) -> OpenCli
             "patch_size": cfg.patch_size,
             "width": cfg.vision_width,
             "layers": cfg.vision_layers,
-            "head_width": cfg.vision_width // cfg.heads,
+            # ModifiedResNet's attention pool is vision_width * 32 wide: 64-wide heads there
+            "head_width": 64 if resnet else cfg.vision_width // cfg.heads,
         },
         "text_cfg": {
             "context_length": cfg.context_length,

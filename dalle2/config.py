@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -143,7 +143,9 @@ class ClipTowerConfig(_Strict):
     embed_dim: int = Field(256, ge=2)
     image_size: int = Field(64, ge=8)
     vision_width: int = Field(256, ge=8)
-    vision_layers: int = Field(4, ge=1)
+    # an int: a ViT of that depth; four ints: open_clip's ModifiedResNet (blocks per stage),
+    # whose convolutions learn small shapes from few samples faster than patch embeddings
+    vision_layers: PositiveInt | tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = 4
     patch_size: int = Field(8, ge=1)
     text_width: int = Field(256, ge=8)
     text_layers: int = Field(4, ge=1)

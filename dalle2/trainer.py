@@ -75,17 +75,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     """Learning rate of optimizer step `step` (0-based).
 
     Linear warmup reaching cfg.lr at step warmup_steps - 1, then a half cosine from cfg.lr at
     step warmup_steps down to cfg.lr * min_lr_ratio at step cfg.steps (held after that).
+    `time_fraction` (the share of cfg.max_minutes used so far) moves the cosine on when the
+    clock runs out before the steps do, so a time-capped run still ends at a low LR.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     lr_min = cfg.lr * cfg.min_lr_ratio
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, max(0.0, progress))
+    progress = min(1.0, max(0.0, progress, time_fraction))
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - lr_min)
 
 
@@ -307,13 +309,13 @@ class Trainer:
 
         Each optimizer step consumes cfg.grad_accum batches; a partial group left when the
         batches run out is discarded. The LR follows lr_at(self.step) whatever `steps` is,
-        so a run split over several fit calls follows one schedule.
+        so a run split over several fit calls follows one schedule; under cfg.max_minutes the
+        cosine also follows the clock of this call, whichever is further along.
         """
         cfg = self.cfg
         target = cfg.steps if steps is None else steps
         accum = cfg.grad_accum
         start = time.perf_counter()
-        deadline = start + cfg.max_minutes * 60 if cfg.max_minutes is not None else None
         first_step, total_samples = self.step, 0
         last_loss, lr = math.nan, lr_at(self.step, cfg)
         window = _Window(t0=start)
@@ -348,7 +350,8 @@ class Trainer:
                     self._opt.zero_grad(set_to_none=True)
                     break
 
-                lr = lr_at(self.step, cfg)
+                time_fraction = self._time_fraction(start)
+                lr = lr_at(self.step, cfg, time_fraction)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 norm = self._clip()
@@ -368,7 +371,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == target:
                     self._report(window, lr, bar)
                     window = _Window(t0=time.perf_counter())
-                if deadline is not None and time.perf_counter() >= deadline:
+                if time_fraction >= 1.0:  # the clock cap (0 without one)
                     break
             if window.steps:  # stopped before a report was due
                 self._report(window, lr, bar)
@@ -383,6 +386,20 @@ class Trainer:
             final_loss=last_loss,
             stopped_early=self.step < target,
         )
+
+    def _time_fraction(self, start: float) -> float:
+        """Share of cfg.max_minutes spent since `start` (0 without a cap).
+
+        With several processes the slowest clock wins, so every rank uses the same LR and
+        stops at the same step (a rank that stopped alone would hang the others' all-reduce).
+        """
+        if self.cfg.max_minutes is None:
+            return 0.0
+        fraction = (time.perf_counter() - start) / (self.cfg.max_minutes * 60)
+        if self._world > 1:
+            t = torch.tensor(fraction, device=self.device)
+            fraction = float(self.accelerator.reduce(t, reduction="max"))
+        return fraction
 
     def _rng_file(self, out_dir: Path, rank: int) -> Path:
         return out_dir / ("rng.safetensors" if rank == 0 else f"rng_rank{rank}.safetensors")

@@ -47,6 +47,22 @@ def test_compact_vocab_keeps_end_token_last_and_encodes() -> None:
     assert clip.encode_image(images).shape == (2, 16)
 
 
+def test_resnet_image_tower_trains_and_round_trips() -> None:
+    cfg = TINY.model_copy(update={"vision_layers": (1, 1, 1, 1), "vision_width": 8})
+    clip = build_scratch_clip(cfg, CAPTIONS)
+    assert isinstance(clip.model.visual, open_clip.model.ModifiedResNet)
+    images = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
+    ids = clip.tokenize(CAPTIONS)
+    img, txt, scale = clip(images, ids)
+    loss = open_clip.ClipLoss()(img, txt, scale)
+    loss.backward()
+    assert torch.isfinite(loss) and clip.model.visual.conv1.weight.grad.abs().sum() > 0
+    clip = clip.eval()
+    again = unpack_clip(pack_clip(clip))
+    assert isinstance(again.model.visual, open_clip.model.ModifiedResNet)
+    assert torch.equal(clip.encode_image(images), again.encode_image(images))
+
+
 def test_scratch_clip_round_trips_through_files(tmp_path: Path) -> None:
     clip = build_scratch_clip(TINY, CAPTIONS).eval()
     again = unpack_clip(pack_clip(clip))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dalle2.config import PriorNetConfig, UNetConfig
 from dalle2.networks import PriorTransformer, UNet
+from dalle2.networks.layers import num_groups
 
 TINY = dict(
     dim=8,
@@ -31,6 +32,13 @@ def test_unet_shapes(fold: int, lowres: bool, learned_variance: bool) -> None:
     low = torch.randn(2, 3, 16, 16) if lowres else None
     out = net(x, torch.tensor([3, 500]), torch.randn(2, 16), low, torch.rand(2) if lowres else None)
     assert out.shape == (2, 6 if learned_variance else 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups"), [(3, 1), (8, 2), (16, 4), (32, 8), (48, 12), (128, 32), (512, 32)]
+)
+def test_group_norm_never_degenerates_to_instance_norm(channels: int, groups: int) -> None:
+    assert num_groups(channels) == groups and channels % groups == 0
 
 
 def test_unet_lowres_contract_is_checked() -> None:

@@ -90,6 +90,26 @@ def test_lr_at_without_warmup_starts_at_peak() -> None:
     assert lr_at(10, cfg) == pytest.approx(0.0)
 
 
+def test_lr_at_follows_the_clock_when_it_is_further_along() -> None:
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(10, cfg, time_fraction=0.5) == pytest.approx(0.55)  # clock half-way: mid-cosine
+    assert lr_at(55, cfg, time_fraction=0.1) == pytest.approx(0.55)  # steps further along
+    assert lr_at(20, cfg, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_at(5, cfg, time_fraction=0.9) == pytest.approx(0.6)  # warmup stays step-based
+
+
+def test_time_capped_fit_decays_the_lr_within_the_cap() -> None:
+    cfg = make_cfg(steps=1_000_000, warmup_steps=0, max_minutes=0.5 / 60, log_every=1)
+    lrs: list[float] = []
+    trainer = Trainer(
+        tiny_model(), cfg, mse, progress=False, callback=lambda s, m: lrs.append(m["lr"])
+    )
+    result = trainer.fit(itertools.cycle(make_batches(4)))
+    assert result.stopped_early and result.steps == len(lrs) > 10
+    assert lrs[-1] < cfg.lr * (cfg.min_lr_ratio + 0.1)  # ended near the floor, not at the peak
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
 def test_param_groups_skip_decay_on_biases_and_norms() -> None:
     model = tiny_model()
     groups = param_groups(model, weight_decay=0.05)

@@ -127,9 +127,13 @@ class FeedForward(nn.Module):
         return self.proj_out(self.drop(h))
 
 
-def num_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest group count <= max_groups that divides `channels` (GroupNorm needs that)."""
-    for g in range(min(max_groups, channels), 0, -1):
+def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """Most GroupNorm groups (<= max_groups, each >= min_group_size channels) dividing `channels`.
+
+    One channel per group would be instance norm, which erases every channel's spatial mean
+    (a flat background's colour, say) at the narrow widths of small CPU models.
+    """
+    for g in range(min(max_groups, max(channels // min_group_size, 1)), 0, -1):
         if channels % g == 0:
             return g
     return 1
