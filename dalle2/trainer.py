@@ -326,7 +326,10 @@ class Trainer:
         bar = tqdm(
             total=target,
             initial=min(self.step, target),
-            desc=self.desc,
+            # a capped run usually ends on the clock: say so, or the ETA over `target` misleads
+            desc=self.desc
+            if cfg.max_minutes is None
+            else f"{self.desc} (<= {cfg.max_minutes:g} min)",
             disable=not (self.progress and self._is_main),
             dynamic_ncols=True,
         )
