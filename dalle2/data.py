@@ -87,15 +87,24 @@ def iter_shard(path: Path) -> Iterator[Sample]:
         yield Sample(key, parts[".txt"].decode("utf-8").strip(), image)
 
 
-def load_images(shard_dir: Path, keys: set[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """All images (N, H, W, 3) uint8 and their keys, optionally only the given keys."""
-    images, out_keys = [], []
+def load_pairs(
+    shard_dir: Path, keys: set[str] | None = None
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Images (N, H, W, 3) uint8, keys and captions in one pass over the shards."""
+    images, out_keys, captions = [], [], []
     for path in shard_paths(shard_dir):
         for s in iter_shard(path):
             if keys is None or s.key in keys:
                 images.append(s.image)
                 out_keys.append(s.key)
-    return np.stack(images), out_keys
+                captions.append(s.caption)
+    return np.stack(images), out_keys, captions
+
+
+def load_images(shard_dir: Path, keys: set[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """All images (N, H, W, 3) uint8 and their keys, optionally only the given keys."""
+    images, out_keys, _ = load_pairs(shard_dir, keys)
+    return images, out_keys
 
 
 def write_embedding_shard(

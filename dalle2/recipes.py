@@ -50,8 +50,7 @@ def train_clip(
     progress: bool = True,
 ) -> tuple[OpenClip, TrainResult]:
     """Train a small open_clip CLIP from scratch on the downloaded pairs."""
-    images, keys = D.load_images(shard_dir)
-    captions = _captions(shard_dir, keys)
+    images, _, captions = D.load_pairs(shard_dir)
     rng = _seed(cfg.train.seed)
     clip = build_scratch_clip(cfg.tower, captions).to(device)
     ids = clip.tokenize(captions).cpu()
@@ -88,8 +87,7 @@ def train_clip(
 @torch.no_grad()
 def clip_retrieval_accuracy(clip: OpenClip, shard_dir: Path, cfg: UnclipConfig) -> float:
     """Share of held-out images whose closest caption (among all captions) is their own."""
-    images, keys = D.load_images(shard_dir)
-    captions = _captions(shard_dir, keys)
+    images, keys, captions = D.load_pairs(shard_dir)
     hold = D.split_holdout(len(keys), cfg.data.holdout_fraction).nonzero()[0]
     if len(hold) == 0:
         hold = np.arange(len(keys))
@@ -113,14 +111,6 @@ def _augment_clip(images: torch.Tensor, rng: np.random.Generator) -> torch.Tenso
     if rng.random() < 0.5:
         return images.flip(2)
     return images
-
-
-def _captions(shard_dir: Path, keys: list[str]) -> list[str]:
-    by_key = {}
-    for path in D.shard_paths(shard_dir):
-        for s in D.iter_shard(path):
-            by_key[s.key] = s.caption
-    return [by_key[k] for k in keys]
 
 
 def load_clip_for(cfg: ClipConfig, trained: OpenClip | None) -> OpenClip:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dalle2.config import DataConfig
-from dalle2.data import iter_shard, shard_paths
+from dalle2.data import iter_shard, load_pairs, shard_paths
 from dalle2.download import (
     DownloadError,
     download_dataset,
@@ -69,6 +69,14 @@ def test_bad_rows_are_counted(tmp_path: Path) -> None:
     assert sorted(s.caption for s in samples) == sorted(f"c{i}" for i in range(12))
     assert all(s.image.shape == (64, 64, 3) for s in samples)
     assert matches_source(tmp_path / "data", cfg)
+    images, keys, captions = load_pairs(tmp_path / "data")
+    assert images.shape == (12, 64, 64, 3) and len(keys) == len(captions) == 12
+    # image i is flat grey i * 20 and captioned c{i}: rows stay aligned
+    grey = [int(im[32, 32, 0]) for im in images]
+    assert all(abs(g - int(c[1:]) * 20) <= 3 for g, c in zip(grey, captions, strict=True))
+    sub_images, sub_keys, sub_captions = load_pairs(tmp_path / "data", set(keys[:3]))
+    assert sub_keys == keys[:3] and sub_captions == captions[:3]
+    assert np.array_equal(sub_images, images[:3])
 
 
 def test_low_success_ratio_stops_with_one_sentence_and_keeps_old_data(tmp_path: Path) -> None:
