@@ -226,7 +226,11 @@ def _ref_prior(spec: dict[str, Any], device: Any, tokens: bool) -> Workload:
 
 
 def _ours_decoder(spec: dict[str, Any], device: Any) -> Workload:
-    """Our first decoder stage, self-attention at the lowest resolution level."""
+    """Our first decoder stage, self-attention at the lowest resolution level.
+
+    The unet layout defaults to "efficient", the one the reference's Unet also has (down
+    path one level narrower); `--unet-layout classic` measures our other layout.
+    """
     import torch
 
     from dalle2.config import DecoderStageConfig, DiffusionConfig, SampleConfig, UNetConfig
@@ -243,6 +247,7 @@ def _ours_decoder(spec: dict[str, Any], device: Any) -> Workload:
                 cond_dim=p["cond_dim"],
                 image_embed_dim=p["embed_dim"],
                 attn_levels=(levels - 1,),
+                layout=spec.get("unet_layout", "efficient"),
             ),
             diffusion=DiffusionConfig(num_steps=p["timesteps"]),
         )
@@ -585,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads in both children (default: torch's choice, all cores); "
         "1 avoids OpenMP barrier stalls when the machine is busy with other work",
     )
+    parser.add_argument(
+        "--unet-layout",
+        choices=("efficient", "classic"),
+        default="efficient",
+        help="our decoder unet's layout (the reference's Unet is built like 'efficient')",
+    )
     parser.add_argument("--timeout", type=float, help="seconds allowed per child")
     parser.add_argument("--json", type=Path, help="also write every child's figures here")
     args = parser.parse_args(argv)
@@ -595,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     spec: dict[str, Any] = json.loads(json.dumps(QUICK if args.quick else FULL))
     spec["seed"] = 0
     spec["threads"] = args.threads
+    spec["unet_layout"] = args.unet_layout
     if args.steps is not None:
         spec["steps"] = max(1, args.steps)
     if args.warmup is not None:
@@ -605,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# ours vs dalle2-pytorch ({'quick' if args.quick else 'full'} mode): "
         f"{spec['warmup']} warm-up + {spec['steps']} timed training steps per side "
-        "(samples/s from the median step); "
+        f"(samples/s from the median step); our unet layout {spec['unet_layout']}; "
         f"CPU {_cpu_name()}, {os.cpu_count()} logical cores",
         flush=True,
     )

@@ -102,6 +102,10 @@ class UNetConfig(_Strict):
     fold: int = Field(1, ge=1)  # pixel-unshuffle factor at the input (1 = none)
     dropout: float = Field(0.0, ge=0, lt=1)
     learned_variance: bool = False  # doubles output channels
+    # "classic": both paths at level i's width, concatenated skips into 3x3 convs.
+    # "efficient": Imagen's Efficient U-Net: the down path carries the previous level's
+    # width and each skip is merged by a 1x1 conv, ~40% fewer FLOPs at equal widths.
+    layout: Literal["classic", "efficient"] = "classic"
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from dalle2.config import PriorNetConfig, UNetConfig
 from dalle2.networks import PriorTransformer, UNet
@@ -26,8 +27,12 @@ TINY = dict(
 @pytest.mark.parametrize("fold", [1, 2])
 @pytest.mark.parametrize("lowres", [False, True])
 @pytest.mark.parametrize("learned_variance", [False, True])
-def test_unet_shapes(fold: int, lowres: bool, learned_variance: bool) -> None:
-    net = UNet(UNetConfig(**TINY, fold=fold, lowres_cond=lowres, learned_variance=learned_variance))
+@pytest.mark.parametrize("layout", ["classic", "efficient"])
+def test_unet_shapes(fold: int, lowres: bool, learned_variance: bool, layout: str) -> None:
+    cfg = UNetConfig(
+        **TINY, fold=fold, lowres_cond=lowres, learned_variance=learned_variance, layout=layout
+    )
+    net = UNet(cfg)
     x = torch.randn(2, 3, 16, 16)
     low = torch.randn(2, 3, 16, 16) if lowres else None
     out = net(x, torch.tensor([3, 500]), torch.randn(2, 16), low, torch.rand(2) if lowres else None)
@@ -67,9 +72,29 @@ def test_unet_bf16_autocast_forward_backward_is_finite() -> None:
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
-def test_unet_overfits_one_batch() -> None:
+def _unet_flops(net: UNet, size: int) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(torch.randn(1, 3, size, size), torch.tensor([5]), torch.randn(1, 16)).sum().backward()
+    return counter.get_total_flops()
+
+
+def test_efficient_layout_narrows_the_down_path_and_merges_skips_1x1() -> None:
+    wide = dict(TINY, dim_mults=(1, 2, 4), attn_levels=())
+    classic, efficient = UNet(UNetConfig(**wide)), UNet(UNetConfig(**wide, layout="efficient"))
+    # classic keeps the parameter names of earlier checkpoints: nothing to merge or widen
+    assert not any(k.startswith("widen") or ".merges." in k for k in classic.state_dict())
+    # down level i runs at level i-1's width (8, 8, 16); up level i still at i's (32, 16, 8)
+    assert [lv.blocks[0].conv1.in_channels for lv in efficient.downs] == [8, 8, 16]
+    assert [lv.blocks[0].conv1.in_channels for lv in efficient.ups] == [32, 16, 8]
+    assert [lv.merges[0].kernel_size for lv in efficient.ups] == [(1, 1)] * 3
+    assert _unet_flops(efficient, 32) < 0.8 * _unet_flops(classic, 32)
+
+
+@pytest.mark.parametrize("layout", ["classic", "efficient"])
+def test_unet_overfits_one_batch(layout: str) -> None:
     torch.manual_seed(0)
-    net = UNet(UNetConfig(**TINY))
+    net = UNet(UNetConfig(**TINY, layout=layout))
     x, t, e = torch.randn(4, 3, 16, 16), torch.full((4,), 100), torch.randn(4, 16)
     target = torch.randn(4, 3, 16, 16).clamp(-1, 1)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
