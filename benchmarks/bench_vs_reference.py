@@ -133,7 +133,11 @@ def _param_count(module: Any) -> int:
 
 
 def _ours_prior(spec: dict[str, Any], device: Any, tokens: bool) -> Workload:
-    """Our DiffusionPrior; text tokens go in with an all-True mask when `tokens`."""
+    """Our DiffusionPrior; text tokens go in with an all-True mask when `tokens`.
+
+    They enter as the reference's do, leading the causal sequence, unless
+    `--prior-text-tokens context` makes them cross-attention keys and values instead.
+    """
     import torch
 
     from dalle2.config import DiffusionConfig, PriorConfig, PriorNetConfig, SampleConfig
@@ -149,6 +153,7 @@ def _ours_prior(spec: dict[str, Any], device: Any, tokens: bool) -> Workload:
             embed_dim=p["dim"],
             text_token_dim=p["dim"] if tokens else None,
             max_text_len=p["text_len"],
+            text_tokens_as=spec.get("prior_text_tokens", "sequence"),
         ),
         diffusion=DiffusionConfig(num_steps=p["timesteps"], prediction="x0"),
         use_text_tokens=tokens,
@@ -596,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
         default="efficient",
         help="our decoder unet's layout (the reference's Unet is built like 'efficient')",
     )
+    parser.add_argument(
+        "--prior-text-tokens",
+        choices=("sequence", "context"),
+        default="sequence",
+        help="how our prior takes text tokens: in its causal sequence as the reference does, "
+        "or as cross-attention context",
+    )
     parser.add_argument("--timeout", type=float, help="seconds allowed per child")
     parser.add_argument("--json", type=Path, help="also write every child's figures here")
     args = parser.parse_args(argv)
@@ -607,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     spec["seed"] = 0
     spec["threads"] = args.threads
     spec["unet_layout"] = args.unet_layout
+    spec["prior_text_tokens"] = args.prior_text_tokens
     if args.steps is not None:
         spec["steps"] = max(1, args.steps)
     if args.warmup is not None:
@@ -617,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# ours vs dalle2-pytorch ({'quick' if args.quick else 'full'} mode): "
         f"{spec['warmup']} warm-up + {spec['steps']} timed training steps per side "
-        f"(samples/s from the median step); our unet layout {spec['unet_layout']}; "
+        f"(samples/s from the median step); our unet layout {spec['unet_layout']}, "
+        f"prior text tokens as {spec['prior_text_tokens']}; "
         f"CPU {_cpu_name()}, {os.cpu_count()} logical cores",
         flush=True,
     )

@@ -82,6 +82,12 @@ class PriorNetConfig(_Strict):
     embed_dim: int = Field(512, ge=2)  # CLIP embedding size (image and text)
     text_token_dim: int | None = None  # width of CLIP's per-token encodings; None = unused
     max_text_len: int = Field(77, ge=1)
+    # "sequence": DALL-E 2's layout, text tokens lead the causal sequence through every layer.
+    # "context": every layer's attention reads keys and values projected from the text tokens,
+    # which are not updated themselves: a text token then costs a key/value projection per
+    # layer (2 dim^2) instead of a whole block (~12 dim^2). CLIP's per-token encodings come
+    # out of CLIP's own text transformer already contextualised.
+    text_tokens_as: Literal["sequence", "context"] = "sequence"
     dropout: float = Field(0.0, ge=0, lt=1)
 
 

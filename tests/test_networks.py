@@ -114,9 +114,10 @@ def _prior(**kw) -> PriorTransformer:
     )
 
 
-def test_prior_shapes_and_padding_mask() -> None:
+@pytest.mark.parametrize("text_tokens_as", ["sequence", "context"])
+def test_prior_shapes_and_padding_mask(text_tokens_as: str) -> None:
     torch.manual_seed(0)
-    net = _prior(text_token_dim=8, max_text_len=6).eval()
+    net = _prior(text_token_dim=8, max_text_len=6, text_tokens_as=text_tokens_as).eval()
     x, t, e = torch.randn(2, 16), torch.tensor([1, 2]), torch.randn(2, 16)
     tokens = torch.randn(2, 6, 8)
     mask = torch.tensor([[True] * 3 + [False] * 3] * 2)
@@ -128,9 +129,10 @@ def test_prior_shapes_and_padding_mask() -> None:
     assert not torch.allclose(out, net(x, t, e, tokens * 2, mask), atol=1e-4)
 
 
-def test_prior_dropped_text_ignores_text() -> None:
+@pytest.mark.parametrize("text_tokens_as", ["sequence", "context"])
+def test_prior_dropped_text_ignores_text(text_tokens_as: str) -> None:
     torch.manual_seed(0)
-    net = _prior(text_token_dim=8, max_text_len=4).eval()
+    net = _prior(text_token_dim=8, max_text_len=4, text_tokens_as=text_tokens_as).eval()
     x, t = torch.randn(2, 16), torch.tensor([5, 5])
     drop = torch.tensor([True, True])
     a = net(x, t, torch.randn(2, 16), torch.randn(2, 4, 8), drop_text=drop)
@@ -144,3 +146,16 @@ def test_prior_bf16_autocast_is_finite() -> None:
         out = net(torch.randn(3, 16), torch.tensor([1, 2, 3]), torch.randn(3, 16))
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_prior_text_tokens_as_context_cost_a_fraction_of_the_sequence() -> None:
+    def flops(text_tokens_as: str) -> int:
+        net = _prior(text_token_dim=8, max_text_len=77, text_tokens_as=text_tokens_as)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = net(torch.randn(4, 16), torch.tensor([1, 2, 3, 4]), torch.randn(4, 16),
+                      torch.randn(4, 77, 8))  # fmt: skip
+            out.sum().backward()
+        return counter.get_total_flops()
+
+    assert flops("context") < flops("sequence") / 3

@@ -2,7 +2,9 @@
 
 Sequence (DALL-E 2, section 2.2): [text tokens, text embedding, time, noised image
 embedding, query]. Text tokens appear only when given and only as many as given: they are
-never padded up to max_text_len, so the common case is a 4-token sequence.
+never padded up to max_text_len, so the common case is a 4-token sequence. With
+`text_tokens_as="context"` the text tokens leave the sequence and become keys and values
+that every layer's attention reads (cross-attention), which the four tokens attend to.
 
 Classifier-free guidance: a dropped sample's text embedding token is swapped for a learned
 null token, and its text tokens are masked out of every attention row (each token still
@@ -26,20 +28,35 @@ class Block(nn.Module):
     def __init__(self, cfg: PriorNetConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.dim_head, dropout=cfg.dropout)
+        context = cfg.text_tokens_as == "context" and cfg.text_token_dim is not None
+        self.attn = Attention(
+            cfg.dim,
+            cfg.heads,
+            cfg.dim_head,
+            context_dim=cfg.dim if context else None,
+            dropout=cfg.dropout,
+        )
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult, swiglu=True, dropout=cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        last_only: bool = False,
+        context: Tensor | None = None,
+    ) -> Tensor:
         """(B, T, dim) -> (B, T, dim), or (B, 1, dim) for the last token when `last_only`.
 
-        `mask` is a bool (B, 1, T, T) attention mask; None means plain causal.
+        `mask` is a bool (B, 1, T, S + T) attention mask over [context, sequence] keys (S = 0
+        without `context`, (B, S, dim)); None means plain causal.
         """
+        h = self.norm1(x)
         if last_only:  # the readout needs one row: skip the others' queries and MLPs
-            rows = None if mask is None else mask[:, :, -1:]  # (B, 1, 1, T)
-            x = x[:, -1:] + self.attn(self.norm1(x), attn_mask=rows, last_only=True)
+            rows = None if mask is None else mask[:, :, -1:]  # (B, 1, 1, S + T)
+            x = x[:, -1:] + self.attn(h, context, attn_mask=rows, last_only=True)
         else:
-            x = x + self.attn(self.norm1(x), attn_mask=mask, is_causal=mask is None)
+            x = x + self.attn(h, context, attn_mask=mask, is_causal=mask is None)
         return x + self.ff(self.norm2(x))
 
 
@@ -61,6 +78,8 @@ class PriorTransformer(nn.Module):
         max_tokens = cfg.max_text_len if cfg.text_token_dim is not None else 0
         # text tokens use rows [0, N); the four special tokens always use the last four rows
         self.pos = nn.Parameter(torch.randn(max_tokens + NUM_SPECIAL, d) * 0.02)
+        self.text_as_context = cfg.text_tokens_as == "context" and cfg.text_token_dim is not None
+        self.context_norm = nn.LayerNorm(d) if self.text_as_context else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d)
         self.to_out = nn.Linear(d, cfg.embed_dim)
@@ -123,16 +142,26 @@ class PriorTransformer(nn.Module):
             dim=1,
         )  # (B, 4, d); the residual stream stays fp32 under autocast
         seq = special + self.pos[-NUM_SPECIAL:]  # (B, 4, d)
-        mask = None
+        mask = context = None
         if text_tokens is not None:
             tokens, keep = self._text_tokens(text_tokens, text_mask, drop_text)
-            seq = torch.cat([tokens, seq], dim=1)  # (B, T, d), T = N + 4
-            length = seq.shape[1]
-            keys = torch.cat([keep, keep.new_ones(b, NUM_SPECIAL)], dim=1)  # (B, T)
-            causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
-            eye = torch.eye(length, dtype=torch.bool, device=seq.device)
-            mask = ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+            if self.context_norm is not None:  # cross-attention: (B, 1, 4, N + 4) mask
+                context = self.context_norm(tokens)  # (B, N, d)
+                causal = torch.ones(
+                    NUM_SPECIAL, NUM_SPECIAL, dtype=torch.bool, device=seq.device
+                ).tril()
+                mask = torch.cat(
+                    [keep[:, None, :].expand(-1, NUM_SPECIAL, -1), causal.expand(b, -1, -1)],
+                    dim=-1,
+                )[:, None]  # the diagonal keeps every row non-empty
+            else:
+                seq = torch.cat([tokens, seq], dim=1)  # (B, T, d), T = N + 4
+                length = seq.shape[1]
+                keys = torch.cat([keep, keep.new_ones(b, NUM_SPECIAL)], dim=1)  # (B, T)
+                causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
+                eye = torch.eye(length, dtype=torch.bool, device=seq.device)
+                mask = ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
 
         for i, block in enumerate(self.blocks):
-            seq = block(seq, mask, last_only=i == len(self.blocks) - 1)
+            seq = block(seq, mask, last_only=i == len(self.blocks) - 1, context=context)
         return self.to_out(self.norm_out(seq[:, -1]))  # (B, E)
