@@ -58,6 +58,43 @@ def test_prior_learns_to_map_16_text_embeddings_to_their_image_embeddings() -> N
     assert cos.mean() > 0.95, cos
 
 
+def test_prior_reads_text_tokens_given_as_context() -> None:
+    """One text embedding for all 16 targets: only the text tokens tell them apart."""
+    torch.manual_seed(0)
+    text = torch.randn(1, 32).expand(16, -1)
+    tokens, image = torch.randn(16, 5, 8), torch.randn(16, 32)
+    cfg = PriorConfig(
+        net=PriorNetConfig(
+            dim=64,
+            depth=2,
+            heads=4,
+            dim_head=16,
+            embed_dim=32,
+            text_token_dim=8,
+            max_text_len=5,
+            text_tokens_as="context",
+        ),
+        diffusion=DiffusionConfig(num_steps=100, prediction="x0"),
+        cond_drop_prob=0.0,
+        use_text_tokens=True,
+        train=TrainConfig(
+            steps=400,
+            batch_size=16,
+            lr=2e-3,
+            warmup_steps=20,
+            ema_decay=0.9,
+            precision="fp32",
+            log_every=100,
+        ),
+        sample=SampleConfig(sampler="ddim", steps=20, clamp="none"),
+        best_of=1,
+    )
+    trainer = Trainer(DiffusionPrior(cfg), cfg.train, lambda m, b: m.loss(*b), progress=False)
+    trainer.fit(iter(lambda: (text, image, tokens), None))
+    pred = trainer.ema.eval().sample(text, tokens, generator=torch.Generator().manual_seed(0))
+    assert F.cosine_similarity(pred, image, dim=-1).mean() > 0.9
+
+
 def test_prior_best_of_keeps_the_candidate_closest_to_the_text() -> None:
     torch.manual_seed(0)
     cfg = PriorConfig(
