@@ -153,7 +153,7 @@ def _ours_prior(spec: dict[str, Any], device: Any, tokens: bool) -> Workload:
             embed_dim=p["dim"],
             text_token_dim=p["dim"] if tokens else None,
             max_text_len=p["text_len"],
-            text_tokens_as=spec.get("prior_text_tokens", "sequence"),
+            text_tokens_as=spec["prior_text_tokens"],
         ),
         diffusion=DiffusionConfig(num_steps=p["timesteps"], prediction="x0"),
         use_text_tokens=tokens,
@@ -252,7 +252,7 @@ def _ours_decoder(spec: dict[str, Any], device: Any) -> Workload:
                 cond_dim=p["cond_dim"],
                 image_embed_dim=p["embed_dim"],
                 attn_levels=(levels - 1,),
-                layout=spec.get("unet_layout", "efficient"),
+                layout=spec["unet_layout"],
             ),
             diffusion=DiffusionConfig(num_steps=p["timesteps"]),
         )

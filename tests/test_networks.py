@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,11 +74,16 @@ def test_unet_bf16_autocast_forward_backward_is_finite() -> None:
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
-def _unet_flops(net: UNet, size: int) -> int:
+def _flops(forward: Callable[[], torch.Tensor]) -> int:
+    """FLOPs of one forward + backward, counted by torch."""
     counter = FlopCounterMode(display=False)
     with counter:
-        net(torch.randn(1, 3, size, size), torch.tensor([5]), torch.randn(1, 16)).sum().backward()
+        forward().sum().backward()
     return counter.get_total_flops()
+
+
+def _unet_flops(net: UNet, size: int) -> int:
+    return _flops(lambda: net(torch.randn(1, 3, size, size), torch.tensor([5]), torch.randn(1, 16)))
 
 
 def test_efficient_layout_narrows_the_down_path_and_merges_skips_1x1() -> None:
@@ -151,11 +158,12 @@ def test_prior_bf16_autocast_is_finite() -> None:
 def test_prior_text_tokens_as_context_cost_a_fraction_of_the_sequence() -> None:
     def flops(text_tokens_as: str) -> int:
         net = _prior(text_token_dim=8, max_text_len=77, text_tokens_as=text_tokens_as)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = net(torch.randn(4, 16), torch.tensor([1, 2, 3, 4]), torch.randn(4, 16),
-                      torch.randn(4, 77, 8))  # fmt: skip
-            out.sum().backward()
-        return counter.get_total_flops()
+        x, t, e, tokens = (
+            torch.randn(4, 16),
+            torch.arange(4),
+            torch.randn(4, 16),
+            torch.randn(4, 77, 8),
+        )
+        return _flops(lambda: net(x, t, e, tokens))
 
     assert flops("context") < flops("sequence") / 3

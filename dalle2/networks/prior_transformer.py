@@ -25,15 +25,14 @@ NUM_SPECIAL = 4  # text embedding, time, x_t, query
 class Block(nn.Module):
     """Pre-norm transformer layer: x + attn(norm(x)), then x + ff(norm(x))."""
 
-    def __init__(self, cfg: PriorNetConfig) -> None:
+    def __init__(self, cfg: PriorNetConfig, context: bool) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
-        context = cfg.text_tokens_as == "context" and cfg.text_token_dim is not None
         self.attn = Attention(
             cfg.dim,
             cfg.heads,
             cfg.dim_head,
-            context_dim=cfg.dim if context else None,
+            context_dim=cfg.dim if context else None,  # text tokens as keys and values
             dropout=cfg.dropout,
         )
         self.norm2 = nn.LayerNorm(cfg.dim)
@@ -78,9 +77,9 @@ class PriorTransformer(nn.Module):
         max_tokens = cfg.max_text_len if cfg.text_token_dim is not None else 0
         # text tokens use rows [0, N); the four special tokens always use the last four rows
         self.pos = nn.Parameter(torch.randn(max_tokens + NUM_SPECIAL, d) * 0.02)
-        self.text_as_context = cfg.text_tokens_as == "context" and cfg.text_token_dim is not None
-        self.context_norm = nn.LayerNorm(d) if self.text_as_context else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        as_context = cfg.text_tokens_as == "context" and cfg.text_token_dim is not None
+        self.context_norm = nn.LayerNorm(d) if as_context else None
+        self.blocks = nn.ModuleList(Block(cfg, as_context) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d)
         self.to_out = nn.Linear(d, cfg.embed_dim)
 
@@ -145,22 +144,17 @@ class PriorTransformer(nn.Module):
         mask = context = None
         if text_tokens is not None:
             tokens, keep = self._text_tokens(text_tokens, text_mask, drop_text)
-            if self.context_norm is not None:  # cross-attention: (B, 1, 4, N + 4) mask
+            # one mask over [text tokens, special tokens]: causal, dropped/padded keys out
+            length = tokens.shape[1] + NUM_SPECIAL
+            keys = torch.cat([keep, keep.new_ones(b, NUM_SPECIAL)], dim=1)  # (B, T)
+            causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
+            eye = torch.eye(length, dtype=torch.bool, device=seq.device)
+            mask = ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+            if self.context_norm is not None:  # tokens are keys only: the special rows
                 context = self.context_norm(tokens)  # (B, N, d)
-                causal = torch.ones(
-                    NUM_SPECIAL, NUM_SPECIAL, dtype=torch.bool, device=seq.device
-                ).tril()
-                mask = torch.cat(
-                    [keep[:, None, :].expand(-1, NUM_SPECIAL, -1), causal.expand(b, -1, -1)],
-                    dim=-1,
-                )[:, None]  # the diagonal keeps every row non-empty
+                mask = mask[:, :, -NUM_SPECIAL:]  # (B, 1, 4, N + 4)
             else:
                 seq = torch.cat([tokens, seq], dim=1)  # (B, T, d), T = N + 4
-                length = seq.shape[1]
-                keys = torch.cat([keep, keep.new_ones(b, NUM_SPECIAL)], dim=1)  # (B, T)
-                causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
-                eye = torch.eye(length, dtype=torch.bool, device=seq.device)
-                mask = ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
 
         for i, block in enumerate(self.blocks):
             seq = block(seq, mask, last_only=i == len(self.blocks) - 1, context=context)
