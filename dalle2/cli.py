@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from dalle2.device import pick_device
     from dalle2.evaluation import to_uint8
-    from dalle2.recipes import generate
+    from dalle2.recipes.evaluate import generate
 
     prompts = _read_prompts(args)
     device = pick_device(args.device)

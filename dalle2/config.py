@@ -66,6 +66,16 @@ class TrainConfig(_Strict):
     log_every: int = Field(25, ge=1)
     seed: int = 0
     max_minutes: float | None = Field(None, gt=0)  # wall-clock cap, for laptop budgets
+    # data-parallel processes (torchrun); batch_size stays the global batch, split across them
+    num_processes: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.num_processes:
+            raise ValueError(
+                f"batch_size {self.batch_size} must divide by num_processes {self.num_processes}"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------- networks
@@ -141,9 +151,14 @@ class DataConfig(_Strict):
     min_success_ratio: float = Field(0.9, ge=0, le=1)
     processes: int = Field(2, ge=1)
     threads: int = Field(8, ge=1)
+    distributor: Literal["multiprocessing", "pyspark"] = "multiprocessing"  # img2dataset's
+    # URL schemes img2dataset may fetch; a file:// row would read the pipeline machine's disk
+    allowed_url_schemes: tuple[str, ...] = ("http", "https")
     shard_size: int = Field(1000, ge=1)
     timeout_s: float = Field(10.0, gt=0)
-    holdout_fraction: float = Field(0.05, ge=0, lt=1)  # captions kept out of training
+    holdout_fraction: float = Field(0.05, ge=0, lt=1)  # pairs kept out of training
+    shuffle_buffer: int = Field(1000, ge=1)  # samples per loader worker mixed before batching
+    loader_workers: int = Field(1, ge=0)  # DataLoader worker processes per training process
     dvc_push: bool = True
 
 

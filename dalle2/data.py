@@ -1,28 +1,43 @@
-"""Readers for img2dataset webdataset shards and the embedding shards made from them.
+"""Streaming readers for img2dataset webdataset shards and the embedding shards made from them.
 
 Layout under a dataset directory (what img2dataset writes, plus our embeddings):
     shards/00000.tar            {key}.png|jpg|webp, {key}.txt, {key}.json
+    shards/00000.parquet        img2dataset's per-shard metadata (key, caption, status, ...)
     embeddings/00000.npz        image_embed (N, E) float16, text_embed (N, E) float16,
                                 optional text_tokens (N, L, D) float16 + text_mask (N, L)
-    embeddings/00000.parquet    key, caption: row i of the npz belongs to this key
-Shards are streamed one at a time so memory stays bounded by the shard size.
+    embeddings/00000.parquet    key, caption: row i of the npz belongs to sample i of the tar
+
+Nothing here holds a dataset in memory. `ShardStream` reads one shard at a time inside
+DataLoader workers (webdataset parses the tars), gives every process and worker its own
+shards, mixes samples through a seeded shuffle buffer and collates batches in the worker,
+so memory is bounded by shard size, buffer and batch, whatever the dataset's size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
+import os
+import random
 import tarfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+import webdataset as wds
 from PIL import Image
 from pydantic import BaseModel
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.utils import pytorch_worker_info
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+Split = Literal["train", "holdout", "all"]
+Sample = dict[str, Any]
+Batch = dict[str, Any]
 
 
 class DatasetRef(BaseModel):
@@ -45,13 +60,32 @@ class EmbeddingsRef(BaseModel):
     with_tokens: bool = False
 
 
-@dataclass
-class Sample:
-    """One image-caption pair read from a shard."""
+class AlignmentError(RuntimeError):
+    """An embedding shard does not hold the rows of its image shard, in its order."""
 
-    key: str
-    caption: str
-    image: np.ndarray  # (H, W, 3) uint8
+
+# ----------------------------------------------------------------------------- split
+
+
+def is_holdout(key: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a pair is held out of training.
+
+    A hash of the key, not a permutation of indices: every step, process and worker agrees
+    on it without a pass over the data, and adding shards does not move existing pairs.
+    """
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def in_split(key: str, split: Split, holdout_fraction: float) -> bool:
+    if split == "all":
+        return True
+    return is_holdout(key, holdout_fraction) == (split == "holdout")
+
+
+# ----------------------------------------------------------------------------- image shards
 
 
 def shard_paths(shard_dir: Path) -> list[Path]:
@@ -62,49 +96,44 @@ def shard_paths(shard_dir: Path) -> list[Path]:
     return paths
 
 
-def iter_shard(path: Path) -> Iterator[Sample]:
-    """Samples of one webdataset tar, grouped by key, in the tar's order."""
-    members: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
+def tar_samples(path: Path) -> Iterator[Sample]:
+    """Raw samples of one tar in its order: {"__key__", "txt": bytes, "png": bytes, ...}."""
+    for sample in wds.tarfile_samples([{"url": str(path)}]):
+        if "txt" in sample and any(e in sample for e in IMAGE_EXTS):
+            yield sample
+
+
+def tar_keys(path: Path) -> list[str]:
+    """Keys of a tar's image members in order, from the headers alone (no image bytes read)."""
     with tarfile.open(path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, ext = info.name.rpartition(".")
-            f = tar.extractfile(info)
-            if f is None:
-                continue
-            if key not in members:
-                members[key] = {}
-                order.append(key)
-            members[key]["." + ext.lower()] = f.read()
-    for key in order:
-        parts = members[key]
-        img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
-        if img_ext is None or ".txt" not in parts:
-            continue
-        image = np.asarray(Image.open(io.BytesIO(parts[img_ext])).convert("RGB"))
-        yield Sample(key, parts[".txt"].decode("utf-8").strip(), image)
+        names = [m.name for m in tar.getmembers() if m.isfile()]
+    return [n.rpartition(".")[0] for n in names if n.rpartition(".")[2].lower() in IMAGE_EXTS]
 
 
-def load_pairs(
-    shard_dir: Path, keys: set[str] | None = None
-) -> tuple[np.ndarray, list[str], list[str]]:
-    """Images (N, H, W, 3) uint8, keys and captions in one pass over the shards."""
-    images, out_keys, captions = [], [], []
-    for path in shard_paths(shard_dir):
-        for s in iter_shard(path):
-            if keys is None or s.key in keys:
-                images.append(s.image)
-                out_keys.append(s.key)
-                captions.append(s.caption)
-    return np.stack(images), out_keys, captions
+def decode_image(sample: Sample) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a raw sample."""
+    data = next(sample[e] for e in IMAGE_EXTS if e in sample)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def load_images(shard_dir: Path, keys: set[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """All images (N, H, W, 3) uint8 and their keys, optionally only the given keys."""
-    images, out_keys, _ = load_pairs(shard_dir, keys)
-    return images, out_keys
+def caption_of(sample: Sample) -> str:
+    return sample["txt"].decode("utf-8").strip()
+
+
+def read_captions(shard_dir: Path) -> list[str]:
+    """The distinct captions of a dataset, from img2dataset's per-shard parquet metadata."""
+    seen: set[str] = set()
+    for tar in shard_paths(shard_dir):
+        meta = tar.with_suffix(".parquet")
+        if meta.is_file():
+            df = pd.read_parquet(meta, columns=["caption", "status"])
+            seen.update(df.loc[df["status"] == "success", "caption"].astype(str).str.strip())
+        else:  # shards written by other tools: read the captions from the tar
+            seen.update(caption_of(s) for s in tar_samples(tar))
+    return sorted(seen)
+
+
+# ----------------------------------------------------------------------------- embedding shards
 
 
 def write_embedding_shard(
@@ -114,98 +143,291 @@ def write_embedding_shard(
     captions: Sequence[str],
     arrays: dict[str, np.ndarray],
 ) -> None:
-    """One embedding shard: arrays in an .npz, keys and captions in a parquet, aligned."""
+    """One embedding shard: arrays in an .npz, keys and captions in a parquet, aligned.
+
+    Both files are written to temporary names and renamed, the parquet last, so a shard
+    whose parquet exists is complete (a crash mid-shard leaves no half shard behind).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, a in arrays.items():
         if len(a) != len(keys):
             raise ValueError(f"{k} has {len(a)} rows for {len(keys)} keys in shard {name}")
-    np.savez(out_dir / f"{name}.npz", **arrays)
-    pd.DataFrame({"key": list(keys), "caption": list(captions)}).to_parquet(
-        out_dir / f"{name}.parquet", index=False
-    )
+    tmp = out_dir / f".{name}.npz.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, out_dir / f"{name}.npz")
+    tmp = out_dir / f".{name}.parquet.tmp{os.getpid()}"
+    pd.DataFrame({"key": list(keys), "caption": list(captions)}).to_parquet(tmp, index=False)
+    os.replace(tmp, out_dir / f"{name}.parquet")
 
 
-@dataclass
-class Embeddings:
-    """All embeddings of a dataset, loaded for training (float32 tensors)."""
-
-    keys: list[str]
-    captions: list[str]
-    image_embed: torch.Tensor  # (N, E)
-    text_embed: torch.Tensor  # (N, E)
-    text_tokens: torch.Tensor | None = None  # (N, L, D)
-    text_mask: torch.Tensor | None = None  # (N, L)
-
-    def select(self, index: np.ndarray | list[int]) -> Embeddings:
-        idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
-        pick = [int(i) for i in idx]
-        return Embeddings(
-            [self.keys[i] for i in pick],
-            [self.captions[i] for i in pick],
-            self.image_embed[idx],
-            self.text_embed[idx],
-            None if self.text_tokens is None else self.text_tokens[idx],
-            None if self.text_mask is None else self.text_mask[idx],
+def read_embedding_shard(emb_dir: Path, name: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Keys and arrays of one embedding shard, checked to have one row per key."""
+    meta, npz = Path(emb_dir) / f"{name}.parquet", Path(emb_dir) / f"{name}.npz"
+    if not (meta.is_file() and npz.is_file()):
+        raise AlignmentError(
+            f"image shard {name}.tar has no embedding shard in {emb_dir}; "
+            "rerun compute_clip_embeddings"
         )
+    keys = pd.read_parquet(meta, columns=["key"])["key"].tolist()
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    bad = [k for k, a in arrays.items() if len(a) != len(keys)]
+    if bad:
+        raise AlignmentError(f"embedding shard {name}: {bad} do not have {len(keys)} rows")
+    return keys, arrays
 
 
-def load_embeddings(emb_dir: Path) -> Embeddings:
-    """Read every embedding shard of a directory."""
+def embedding_shard_ok(tar: Path, emb_dir: Path, with_tokens: bool) -> bool:
+    """True when `tar` has a complete embedding shard with its keys in its order."""
+    try:
+        keys, arrays = read_embedding_shard(emb_dir, tar.stem)
+    except (AlignmentError, OSError, ValueError):
+        return False
+    needed = {"image_embed", "text_embed"} | (
+        {"text_tokens", "text_mask"} if with_tokens else set()
+    )
+    return needed <= set(arrays) and keys == tar_keys(tar)
+
+
+def embedding_names(emb_dir: Path) -> list[str]:
     names = sorted(p.stem for p in Path(emb_dir).glob("*.parquet"))
     if not names:
         raise FileNotFoundError(f"no embedding shards in {emb_dir}; run compute_clip_embeddings")
-    keys, captions, parts = [], [], {}
-    for name in names:
-        df = pd.read_parquet(Path(emb_dir) / f"{name}.parquet")
-        keys += df["key"].tolist()
-        captions += df["caption"].tolist()
-        with np.load(Path(emb_dir) / f"{name}.npz") as z:
-            for k in z.files:
-                parts.setdefault(k, []).append(z[k])
-    cat = {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
-    tokens = cat.get("text_tokens")
-    return Embeddings(
-        keys,
-        captions,
-        cat["image_embed"].float(),
-        cat["text_embed"].float(),
-        None if tokens is None else tokens.float(),
-        cat.get("text_mask"),
+    return names
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _reader_slot() -> tuple[int, int]:
+    """(this reader's index, number of readers) over all processes and their workers."""
+    rank, world, worker, workers = pytorch_worker_info()
+    return rank * workers + worker, world * workers
+
+
+def _collate(samples: list[Sample]) -> Batch:
+    """Stack a list of samples into a batch; images are decoded here, in the worker."""
+    batch: Batch = {"key": [s["__key__"] for s in samples]}
+    batch["caption"] = [s["caption"] for s in samples]
+    if "raw" in samples[0]:
+        batch["image"] = torch.from_numpy(np.stack([decode_image(s["raw"]) for s in samples]))
+    for name in samples[0]:
+        if name not in ("__key__", "caption", "raw"):
+            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
+    return batch
+
+
+def _batches(samples: Iterator[Sample], size: int, drop_last: bool) -> Iterator[list[Sample]]:
+    while chunk := list(itertools.islice(samples, size)):
+        if len(chunk) == size or not drop_last:
+            yield chunk
+
+
+def _unique_caption_batches(
+    samples: Iterator[Sample], size: int, pool_limit: int, rng: random.Random
+) -> Iterator[list[Sample]]:
+    """Batches in which no caption repeats, where the stream allows it.
+
+    A contrastive loss treats every other pair of a batch as a negative, so two pairs with
+    one caption would push apart what should match (small captioned sets are full of such
+    repeats). Samples wait in a pool, grouped by caption, until `size` distinct captions are
+    there; past `pool_limit` waiting samples a batch is filled up with repeats instead.
+    """
+    pool: dict[str, list[Sample]] = {}
+    waiting = 0
+
+    def take() -> list[Sample]:
+        nonlocal waiting
+        captions = rng.sample(sorted(pool), min(size, len(pool)))
+        while len(captions) < size:  # fewer distinct captions than the batch: repeat some
+            captions.append(rng.choice(sorted(c for c in pool if len(pool[c]) > captions.count(c))))
+        batch = [pool[c].pop(0) for c in captions]
+        for c in set(captions):
+            if not pool[c]:
+                del pool[c]
+        waiting -= size
+        return batch
+
+    for s in samples:
+        pool.setdefault(s["caption"], []).append(s)
+        waiting += 1
+        if len(pool) >= size or waiting >= pool_limit:
+            yield take()
+    while waiting >= size:
+        yield take()
+
+
+class ShardStream(IterableDataset):
+    """Batches of image-caption pairs and/or their CLIP embeddings, streamed from shards.
+
+    Each reader (process x DataLoader worker) takes its own shards of a seeded per-epoch
+    shard order; with fewer shards than readers every reader scans all shards and keeps
+    every n-th sample. Image samples are checked against their embedding shard by key and
+    position as they are read, so a stale or misaligned shard is an error naming it.
+
+    Args:
+        shard_dir: img2dataset's tar shards; None streams embedding shards alone (the prior).
+        emb_dir: embedding shards to join by key; None streams images and captions alone.
+        batch_size: samples per batch of this process (the global batch / processes).
+        split: which pairs: "train", "holdout" (see is_holdout) or "all".
+        text_tokens: also read the per-token text encodings and masks.
+        shuffle_buffer: samples mixed per reader; 0 keeps shard order (evaluation).
+        epochs: passes over the data; None streams forever (training is step-based).
+        unique_captions: batches without repeated captions (contrastive training).
+        transform: applied to each collated batch in the worker (augmentation).
+    """
+
+    def __init__(
+        self,
+        shard_dir: Path | None,
+        emb_dir: Path | None = None,
+        *,
+        batch_size: int,
+        split: Split = "train",
+        holdout_fraction: float = 0.0,
+        text_tokens: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        epochs: int | None = None,
+        unique_captions: bool = False,
+        drop_last: bool = True,
+        transform: Callable[[Batch], Batch] | None = None,
+    ) -> None:
+        super().__init__()
+        if shard_dir is None and emb_dir is None:
+            raise ValueError("ShardStream needs image shards, embedding shards or both")
+        self.shard_dir = None if shard_dir is None else Path(shard_dir)
+        self.emb_dir = None if emb_dir is None else Path(emb_dir)
+        self.names = (
+            [p.stem for p in shard_paths(self.shard_dir)]
+            if self.shard_dir is not None
+            else embedding_names(self.emb_dir)
+        )
+        self.batch_size = batch_size
+        self.split = split
+        self.holdout_fraction = holdout_fraction
+        self.text_tokens = text_tokens
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epochs = epochs
+        self.unique_captions = unique_captions
+        self.drop_last = drop_last
+        self.transform = transform
+
+    # ------------------------------------------------------------------ one shard
+
+    def _embedding_rows(self, name: str) -> tuple[list[str], dict[str, np.ndarray]]:
+        keys, arrays = read_embedding_shard(self.emb_dir, name)
+        wanted = ["image_embed", "text_embed"]
+        if self.text_tokens:
+            wanted += ["text_tokens", "text_mask"]
+        missing = [w for w in wanted if w not in arrays]
+        if missing:
+            raise AlignmentError(f"embedding shard {name} lacks {missing}")
+        return keys, {w: arrays[w] for w in wanted}
+
+    def _shard(self, name: str) -> Iterator[Sample]:
+        """Samples of one shard, with embeddings joined and checked when there are any."""
+        rows: dict[str, np.ndarray] = {}
+        keys: list[str] = []
+        if self.emb_dir is not None:
+            keys, rows = self._embedding_rows(name)
+        if self.shard_dir is None:
+            captions = pd.read_parquet(self.emb_dir / f"{name}.parquet")["caption"].tolist()
+            for i, key in enumerate(keys):
+                yield {"__key__": key, "caption": captions[i], **{k: rows[k][i] for k in rows}}
+            return
+        i = -1
+        for i, raw in enumerate(tar_samples(self.shard_dir / f"{name}.tar")):
+            sample = {"__key__": raw["__key__"], "caption": caption_of(raw), "raw": raw}
+            if rows:
+                if i >= len(keys) or keys[i] != raw["__key__"]:
+                    raise AlignmentError(
+                        f"shard {name}: sample {i} is key {raw['__key__']} in the tar but "
+                        f"{keys[i] if i < len(keys) else 'missing'} in the embedding shard; "
+                        "the embeddings are stale, rerun compute_clip_embeddings"
+                    )
+                sample.update({k: v[i] for k, v in rows.items()})
+            yield sample
+        if rows and i + 1 != len(keys):
+            raise AlignmentError(
+                f"shard {name}: {i + 1} samples in the tar but {len(keys)} embedding rows"
+            )
+
+    # ------------------------------------------------------------------ the stream
+
+    def _epoch(self, epoch: int, slot: int, readers: int) -> Iterator[Sample]:
+        names = list(self.names)
+        if self.shuffle_buffer > 0:  # the same order in every reader, so the split partitions
+            random.Random(f"{self.seed}/{epoch}").shuffle(names)
+        stride = 1
+        if len(names) >= readers:
+            names = names[slot::readers]
+        else:  # fewer shards than readers: all read every shard, each keeps its n-th samples
+            stride = readers
+        for name in names:
+            for i, s in enumerate(self._shard(name)):
+                if i % stride == slot % stride and in_split(
+                    s["__key__"], self.split, self.holdout_fraction
+                ):
+                    yield s
+
+    def _samples(self, slot: int, readers: int) -> Iterator[Sample]:
+        for epoch in itertools.count() if self.epochs is None else range(self.epochs):
+            empty = True
+            for s in self._epoch(epoch, slot, readers):
+                empty = False
+                yield s
+            if empty and self.epochs is None:
+                raise ValueError(
+                    f"reader {slot} of {readers} found no {self.split} samples in "
+                    f"{self.shard_dir or self.emb_dir}; use fewer processes or loader workers"
+                )
+
+    def __iter__(self) -> Iterator[Batch]:
+        slot, readers = _reader_slot()
+        rng = random.Random(f"{self.seed}/{slot}")
+        samples = self._samples(slot, readers)
+        if self.shuffle_buffer > 0:
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        if self.unique_captions:
+            limit = max(self.shuffle_buffer, 2 * self.batch_size)
+            chunks = _unique_caption_batches(samples, self.batch_size, limit, rng)
+        else:
+            chunks = _batches(samples, self.batch_size, self.drop_last)
+        for chunk in chunks:
+            batch = _collate(chunk)
+            yield batch if self.transform is None else self.transform(batch)
+
+
+def loader(stream: ShardStream, workers: int) -> DataLoader:
+    """A DataLoader over a stream's batches: reading, decoding and collating in `workers`."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
     )
 
 
-def split_holdout(n: int, fraction: float, seed: int = 0) -> np.ndarray:
-    """Boolean mask of held-out pairs: the same for the same n, fraction and seed."""
-    order = np.random.default_rng(seed).permutation(n)
-    mask = np.zeros(n, dtype=bool)
-    mask[order[: round(n * fraction)]] = True
-    return mask
-
-
-def unique_caption_batches(
-    captions: Sequence[str], batch_size: int, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """Endless batches of indices in which no caption repeats.
-
-    A contrastive loss treats every other pair in the batch as a negative; two pairs with
-    the same caption would then push apart what should match. Small captioned datasets
-    (shapes64 has 108 captions) are full of such duplicates.
-    """
-    groups: dict[str, list[int]] = {}
-    for i, c in enumerate(captions):
-        groups.setdefault(c, []).append(i)
-    members = [np.asarray(v) for v in groups.values()]
-    size = min(batch_size, len(members))
-    while True:
-        order = rng.permutation(len(members))
-        for start in range(0, len(order) - size + 1, size):
-            yield np.array([rng.choice(members[g]) for g in order[start : start + size]])
-
-
-def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Endless shuffled epochs of index batches (the last short batch of an epoch is dropped)."""
-    size = min(batch_size, n)
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
+def take(stream: ShardStream, n: int) -> Batch:
+    """The first `n` samples of a finite stream as one batch (evaluation, read in-process)."""
+    parts: list[Batch] = []
+    got = 0
+    for batch in stream:
+        parts.append(batch)
+        got += len(batch["key"])
+        if got >= n:
+            break
+    if not parts:
+        return {}
+    out: Batch = {}
+    for name in parts[0]:
+        values = [p[name] for p in parts]
+        if isinstance(values[0], torch.Tensor):
+            out[name] = torch.cat(values)[:n]
+        else:
+            out[name] = list(itertools.chain.from_iterable(values))[:n]
+    return out

@@ -86,6 +86,10 @@ class DecoderStage(nn.Module):
 
         return self.process.training_loss(model, target)
 
+    def forward(self, images: Tensor, image_embed: Tensor) -> Tensor:
+        """The training loss: calling the module lets a DDP wrapper sync its gradients."""
+        return self.loss(images, image_embed)
+
     @staticmethod
     def _crop(target: Tensor, lowres: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:
         top, left = torch.randint(0, target.shape[-1] - size + 1, (2,)).tolist()

@@ -3,6 +3,10 @@
 The default dataset (shapes64) is generated locally and served by a loopback HTTP
 server that lives only as long as the download, so it takes exactly the path a real
 URL list takes: HTTP fetch, decode, resize, shard.
+
+A crashed download is continued by the next run: img2dataset's incremental mode skips
+every shard whose {shard}_stats.json exists in its output folder, and shards are row-index
+slices of the URL list, so the list handed to it must be the same rows in the same order.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
 import shutil
 import threading
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +32,11 @@ from dalle2 import synthetic
 from dalle2.config import DataConfig
 
 SOURCE_FILE = "source.json"
+# The fingerprint of a partial download; not *.json, as img2dataset's incremental mode
+# parses every *.json in its output folder as a finished shard's "{shard}_stats.json".
+PARTIAL_SOURCE_FILE = "source.json.partial"
+# Rows refused before img2dataset, in its stats format so read_stats sums them in.
+REFUSED_STATS_FILE = "refused_stats.json"
 
 
 class DownloadError(RuntimeError):
@@ -103,12 +114,39 @@ def source_fingerprint(cfg: DataConfig) -> dict:
     else:
         path = Path(cfg.url_list)
         digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
-        fp["url_list"] = {"name": path.name, "md5": digest}
+        schemes = sorted({s.lower() for s in cfg.allowed_url_schemes})
+        fp["url_list"] = {"name": path.name, "md5": digest, "allowed_url_schemes": schemes}
     return fp
 
 
+def url_scheme(url: str) -> str:
+    """The scheme urllib (img2dataset's fetcher) opens `url` with; "" when it finds none.
+
+    Parsed the way urllib.request.Request does (unwrap, then the text before the first ':'
+    if it holds no '/'), so "<URL:file:///etc/passwd>" or " FILE:///x" are seen as file.
+    """
+    scheme, colon, _ = urllib.parse.unwrap(url).partition(":")
+    return scheme.lower() if colon and "/" not in scheme else ""
+
+
+def refuse_schemes(
+    urls: pd.DataFrame, allowed: tuple[str, ...]
+) -> tuple[pd.DataFrame, Counter[str]]:
+    """Drop rows whose URL scheme is not allowed, so img2dataset never reads e.g. file://.
+
+    Rows without a scheme stay: urllib cannot open them, and img2dataset counts them failed.
+    Returns the kept rows and a failure reason -> count for the refused ones.
+    """
+    schemes = urls["url"].map(url_scheme)
+    refused = (schemes != "") & ~schemes.isin({s.lower() for s in allowed})
+    reasons = Counter(
+        f"url scheme '{s}' not allowed (data.allowed_url_schemes)" for s in schemes[refused]
+    )
+    return urls[~refused].reset_index(drop=True), reasons
+
+
 def read_stats(out_dir: Path) -> DownloadStats:
-    """Sum img2dataset's per-shard *_stats.json files."""
+    """Sum img2dataset's per-shard *_stats.json files and our refused_stats.json."""
     stats = DownloadStats()
     reasons: Counter[str] = Counter()
     for f in sorted(out_dir.glob("*_stats.json")):
@@ -123,7 +161,10 @@ def read_stats(out_dir: Path) -> DownloadStats:
 
 
 def run_img2dataset(url_list: Path, out_dir: Path, cfg: DataConfig, progress: bool) -> None:
-    """Call img2dataset on a parquet URL list with url/caption columns."""
+    """Call img2dataset on a parquet URL list with url/caption columns.
+
+    Shards already finished in `out_dir` are skipped (incremental mode).
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its only outside request
     from img2dataset import download
 
@@ -144,19 +185,73 @@ def run_img2dataset(url_list: Path, out_dir: Path, cfg: DataConfig, progress: bo
             number_sample_per_shard=cfg.shard_size,
             timeout=cfg.timeout_s,
             retries=0,
-            distributor="multiprocessing",
+            distributor=cfg.distributor,
+            incremental_mode="incremental",
             enable_wandb=False,
             disallowed_header_directives=[],  # loopback/file servers send no such headers
         )
 
 
+def check_distributor(cfg: DataConfig) -> None:
+    """Fail before any work when the configured distributor cannot run."""
+    if cfg.distributor == "pyspark" and importlib.util.find_spec("pyspark") is None:
+        raise DownloadError(
+            "data.distributor is 'pyspark' but pyspark is not installed; run "
+            "`pip install pyspark` (it needs Java), and img2dataset then uses the active "
+            "SparkSession or, when none exists, starts a local[N] one itself with "
+            "N = data.processes"
+        )
+
+
+def _drop_unfinished_shards(partial: Path) -> None:
+    """Forget stats files a crash may have left unusable, so img2dataset redoes their shards.
+
+    Its incremental mode counts shard N done when any N_*.json exists (and crashes on a
+    *.json not named so); it writes that stats file after the shard's tar.
+    """
+    for f in partial.glob("*.json"):
+        try:
+            finished = (partial / f"{f.name.split('_')[0]}.tar").is_file() and isinstance(
+                json.loads(f.read_text()), dict
+            )
+        except ValueError:
+            finished = False
+        if not finished:
+            f.unlink()
+
+
+def _fetch(
+    urls: pd.DataFrame, list_path: Path, out: Path, cfg: DataConfig, progress: bool
+) -> Counter[str]:
+    """Run img2dataset on the allowed rows of `urls`; returns the refused rows' reasons."""
+    urls, refused = refuse_schemes(urls, cfg.allowed_url_schemes)
+    if not urls.empty:
+        urls.to_parquet(list_path, index=False)
+        run_img2dataset(list_path, out, cfg, progress)
+        list_path.unlink()
+    return refused
+
+
 def download_dataset(
     cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool = True
 ) -> DownloadStats:
-    """Download into a fresh `out_dir` (replacing it only on success); returns the stats."""
+    """Download into `out_dir` (replacing it only on success); returns the stats.
+
+    The download is made in `{out_dir}.partial`; one a crashed run left there for the same
+    source and shard size is continued, any other is deleted first.
+    """
+    check_distributor(cfg)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    marker = partial / PARTIAL_SOURCE_FILE
+    fingerprint = json.dumps(
+        {**source_fingerprint(cfg), "shard_size": cfg.shard_size}, indent=1, sort_keys=True
+    )
+    if marker.is_file() and marker.read_text() == fingerprint:
+        _drop_unfinished_shards(partial)
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        marker.write_text(fingerprint)
     list_path = partial.parent / f".{out_dir.name}-urls.parquet"
     if cfg.url_list is None:
         src = cache_dir / f"shapes64-{cfg.num_synthetic}-{cfg.synthetic_seed}-{cfg.image_size}"
@@ -168,22 +263,29 @@ def download_dataset(
             frame["rel"] = [str(Path(p).relative_to(src)) for p in frame["path"]]
             frame.to_parquet(src / "index.parquet", index=False)
         frame = pd.read_parquet(src / "index.parquet")
+        # the port differs per run, but rows keep their order, so shards keep their rows
         with serve_directory(src) as base:
             urls = pd.DataFrame(
                 {"url": [f"{base}/{r}" for r in frame["rel"]], "caption": frame["caption"]}
             )
-            urls.to_parquet(list_path, index=False)
-            run_img2dataset(list_path, partial, cfg, progress)
+            refused = _fetch(urls, list_path, partial, cfg, progress)
     else:
         df = read_url_list(Path(cfg.url_list), cfg.url_col, cfg.caption_col)
-        df = pd.DataFrame(
+        urls = pd.DataFrame(
             {"url": df[cfg.url_col].astype(str), "caption": df[cfg.caption_col].astype(str)}
         )
-        df.to_parquet(list_path, index=False)
-        run_img2dataset(list_path, partial, cfg, progress)
-    list_path.unlink(missing_ok=True)
+        refused = _fetch(urls, list_path, partial, cfg, progress)
+    marker.unlink()  # from here on the partial is finished or deleted, never continued
+    if refused:
+        n = refused.total()
+        (partial / REFUSED_STATS_FILE).write_text(
+            json.dumps(
+                {"count": n, "successes": 0, "failed_to_download": n, "status_dict": refused},
+                indent=1,
+            )
+        )
     stats = read_stats(partial)
-    if stats.count == 0 or stats.success_ratio < cfg.min_success_ratio:
+    if stats.successes == 0 or stats.success_ratio < cfg.min_success_ratio:
         top = ", ".join(f"{k} ({v})" for k, v in list(stats.reasons.items())[:3]) or "none"
         shutil.rmtree(partial, ignore_errors=True)
         raise DownloadError(

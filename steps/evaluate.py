@@ -9,11 +9,12 @@ import mlflow
 import pandas as pd
 from zenml import ArtifactConfig, log_metadata, step
 
-from dalle2 import recipes
-from dalle2.data import DatasetRef, EmbeddingsRef, load_embeddings, load_images, split_holdout
+from dalle2.data import DatasetRef, EmbeddingsRef
 from dalle2.decoder import Decoder
 from dalle2.evaluation import image_grid
 from dalle2.models import ModelArtifact, unpack_clip, unpack_prior, unpack_stage
+from dalle2.recipes.evaluate import evaluate as evaluate_models
+from dalle2.recipes.evaluate import holdout_pairs
 from steps._shared import load, log_metrics, logger, tracking
 
 
@@ -28,22 +29,16 @@ def evaluate(
 ) -> Annotated[dict[str, float], ArtifactConfig(name="metrics")]:
     cfg, device = load(config)
     t0 = time.perf_counter()
-    emb = load_embeddings(Path(embeddings.path))
-    hold = split_holdout(len(emb.keys), cfg.data.holdout_fraction).nonzero()[0]
-    if len(hold) == 0:
-        hold = range(len(emb.keys))  # no held-out split configured: evaluate on training pairs
+    if cfg.data.holdout_fraction == 0:
         logger.warning("data.holdout_fraction is 0: evaluating on training pairs")
-    holdout = emb.select(list(hold))
-    images, keys = load_images(Path(dataset.path), set(holdout.keys))
-    images = images[[keys.index(k) for k in holdout.keys]]  # aligned with holdout rows
+    pairs = holdout_pairs(cfg, Path(dataset.path), Path(embeddings.path))
     stages = [s for _, s in sorted(unpack_stage(a) for a in decoder_unets)]
-    metrics, samples, captions = recipes.evaluate(
+    metrics, samples, captions = evaluate_models(
         cfg,
         unpack_clip(clip),
         unpack_prior(prior),
         Decoder(stages),
-        holdout,
-        images,
+        pairs,
         device,
         cfg.progress,
     )

@@ -1,14 +1,15 @@
 """Step 2: train a small CLIP on the pairs (only when no pretrained CLIP is configured)."""
 
+import math
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 from zenml import ArtifactConfig, step
 
-from dalle2 import recipes
 from dalle2.data import DatasetRef
-from dalle2.models import ModelArtifact, pack_clip
+from dalle2.launch import train_stage
+from dalle2.models import ModelArtifact, pack_clip, unpack_clip
+from dalle2.recipes.clip import load_clip_for, retrieval_accuracy
 from steps._shared import load, log_metrics, log_model, metrics_callback
 
 
@@ -19,18 +20,15 @@ def train_clip(
     """DALL-E 2's first stage, here from scratch with open_clip's model and loss."""
     cfg, device = load(config)
     t0 = time.perf_counter()
-    clip, result = recipes.train_clip(
-        cfg.clip, Path(dataset.path), device, metrics_callback("clip"), cfg.progress
+    inputs = {"shard_dir": dataset.path}
+    artifact, result = train_stage(
+        "clip", cfg, inputs, device=device, callback=metrics_callback("clip"), progress=cfg.progress
     )
-    artifact = pack_clip(clip.cpu())
-    acc = recipes.clip_retrieval_accuracy(clip, Path(dataset.path), cfg)
-    log_metrics(
-        {
-            "clip/final_loss": result.final_loss,
-            "clip/retrieval_acc_holdout": acc,
-            "time/train_clip_s": time.perf_counter() - t0,
-        }
-    )
+    metrics = {"clip/final_loss": result.final_loss, "time/train_clip_s": time.perf_counter() - t0}
+    acc = retrieval_accuracy(unpack_clip(artifact).to(device), dataset.path, cfg)
+    if not math.isnan(acc):
+        metrics["clip/retrieval_acc_holdout"] = acc
+    log_metrics(metrics)
     log_model(artifact, "clip")
     return artifact
 
@@ -41,7 +39,6 @@ def load_pretrained_clip(
 ) -> Annotated[ModelArtifact, ArtifactConfig(name="clip")]:
     """Reference the configured pretrained open_clip model (checks that it loads)."""
     cfg, _ = load(config)
-    clip = recipes.load_clip_for(cfg.clip, None)
-    artifact = pack_clip(clip)
+    artifact = pack_clip(load_clip_for(cfg.clip))
     log_model(artifact, "clip")
     return artifact

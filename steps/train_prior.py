@@ -1,14 +1,13 @@
 """Step 4: the diffusion prior, text embedding -> image embedding."""
 
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 from zenml import ArtifactConfig, step
 
-from dalle2 import recipes
-from dalle2.data import EmbeddingsRef, load_embeddings, split_holdout
-from dalle2.models import ModelArtifact, pack_prior
+from dalle2.data import EmbeddingsRef
+from dalle2.launch import train_stage
+from dalle2.models import ModelArtifact
 from steps._shared import load, log_metrics, log_model, metrics_callback
 
 
@@ -16,14 +15,17 @@ from steps._shared import load, log_metrics, log_model, metrics_callback
 def train_prior(
     config: dict[str, Any], embeddings: EmbeddingsRef
 ) -> Annotated[ModelArtifact, ArtifactConfig(name="prior")]:
+    """Reads embedding shards only: the prior never needs an image."""
     cfg, device = load(config)
     t0 = time.perf_counter()
-    emb = load_embeddings(Path(embeddings.path))
-    train = emb.select((~split_holdout(len(emb.keys), cfg.data.holdout_fraction)).nonzero()[0])
-    prior, result = recipes.train_prior(
-        cfg.prior, train, device, metrics_callback("prior"), cfg.progress
+    artifact, result = train_stage(
+        "prior",
+        cfg,
+        {"emb_dir": embeddings.path},
+        device=device,
+        callback=metrics_callback("prior"),
+        progress=cfg.progress,
     )
-    artifact = pack_prior(prior.cpu())
     log_metrics(
         {
             "prior/final_loss": result.final_loss,

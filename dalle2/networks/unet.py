@@ -121,6 +121,8 @@ class UNet(nn.Module):
         self.out_conv = nn.Conv2d(dec[0], self.out_channels * fold2, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)  # the net starts as the zero function: stable
         nn.init.zeros_(self.out_conv.bias)
+        if self.channels_last:  # kernels in the activations' layout: DDP's grad buckets match
+            self.to(memory_format=torch.channels_last)
 
     def _conditioning(
         self,

@@ -1,0 +1,36 @@
+"""The diffusion prior: CLIP text embedding (and tokens) -> CLIP image embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dalle2 import data as D
+from dalle2.config import UnclipConfig
+from dalle2.prior import DiffusionPrior
+from dalle2.recipes._fit import Run, fit, seed_everything, stream
+from dalle2.trainer import TrainResult
+
+FIELDS = ("text_embed", "image_embed", "text_tokens", "text_mask")
+
+
+def _as_float(batch: D.Batch) -> D.Batch:
+    """Embeddings are stored as float16; train on float32."""
+    return {k: (v.float() if k != "text_mask" else v) for k, v in batch.items() if k in FIELDS}
+
+
+def fit_prior(cfg: UnclipConfig, emb_dir: Path, run: Run) -> tuple[DiffusionPrior, TrainResult]:
+    """Train the prior on the training pairs' embeddings (no image is read)."""
+    p = cfg.prior
+    seed_everything(p.train.seed)
+    prior = DiffusionPrior(p)
+    batches = stream(
+        None, emb_dir, p.train, cfg.data, run, text_tokens=p.use_text_tokens, transform=_as_float
+    )
+
+    def loss_fn(model: torch.nn.Module, b: D.Batch) -> torch.Tensor:
+        return model(b["text_embed"], b["image_embed"], b.get("text_tokens"), b.get("text_mask"))
+
+    ema, result = fit(prior, p.train, loss_fn, batches, cfg.data, run, "train_prior")
+    return ema, result
