@@ -158,7 +158,9 @@ class DataConfig(_Strict):
     timeout_s: float = Field(10.0, gt=0)
     holdout_fraction: float = Field(0.05, ge=0, lt=1)  # pairs kept out of training
     shuffle_buffer: int = Field(1000, ge=1)  # samples per loader worker mixed before batching
-    loader_workers: int = Field(1, ge=0)  # DataLoader worker processes per training process
+    # DataLoader processes per training process that read, decode and augment; 0 reads in the
+    # training process (best on a 2-core CPU, where a worker competes with the training threads)
+    loader_workers: int = Field(2, ge=0)
     dvc_push: bool = True
 
 

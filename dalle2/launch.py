@@ -116,7 +116,12 @@ def train_stage(
     root = os.environ.get("DALLE2_JOB_ROOT")
     with tempfile.TemporaryDirectory(prefix=f"dalle2-{stage}-", dir=root) as tmp:
         job = Path(tmp)
-        spec = {"stage": stage, "config": cfg.model_dump(mode="json"), "inputs": inputs}
+        spec = {
+            "stage": stage,
+            "config": cfg.model_dump(mode="json"),
+            "inputs": inputs,
+            "progress": progress,
+        }
         (job / "job.json").write_text(json.dumps(spec))
         proc = subprocess.Popen(torchrun_command(n, job))
         seen = 0
@@ -158,7 +163,7 @@ def worker(job_dir: Path) -> None:
             metrics_file.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
             metrics_file.flush()
 
-    model, result = _fit(stage, cfg, inputs, Run(acc.device, acc, callback, cfg.progress))
+    model, result = _fit(stage, cfg, inputs, Run(acc.device, acc, callback, spec["progress"]))
     if acc.is_main_process:
         metrics_file.close()
         _pack(stage, model, inputs).to_dir(job_dir / "model")

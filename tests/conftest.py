@@ -30,3 +30,44 @@ os.environ.update(
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_shard_set(
+    root: Path, shards: int, per_shard: int, *, size: int = 8, embed_dim: int = 4, captions: int = 0
+) -> tuple[Path, Path]:
+    """Image shards as img2dataset lays them out, plus aligned embedding shards.
+
+    Sample n has key f"{n:09d}", a flat image of grey level n % 256, caption "c{n}" (or
+    "c{n % captions}" when captions > 0) and image_embed row [n, n, ...]: any reader that
+    mixes rows up shows it.
+    """
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from dalle2.data import write_embedding_shard
+
+    shard_dir, emb_dir = root / "shards", root / "emb"
+    shard_dir.mkdir(parents=True)
+    n = 0
+    for s in range(shards):
+        keys, caps = [], []
+        with tarfile.open(shard_dir / f"{s:05d}.tar", "w") as tar:
+            for _ in range(per_shard):
+                key, cap = f"{n:09d}", f"c{n % captions if captions else n}"
+                png = io.BytesIO()
+                Image.fromarray(np.full((size, size, 3), n % 256, np.uint8)).save(png, "PNG")
+                for ext, blob in (("png", png.getvalue()), ("txt", cap.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+                keys.append(key)
+                caps.append(cap)
+                n += 1
+        rows = np.array([[int(k)] * embed_dim for k in keys], np.float16)
+        write_embedding_shard(
+            emb_dir, f"{s:05d}", keys, caps, {"image_embed": rows, "text_embed": rows}
+        )
+    return shard_dir, emb_dir
