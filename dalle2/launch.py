@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -34,6 +35,7 @@ from dalle2.recipes._fit import Run
 from dalle2.trainer import MetricsCallback, TrainResult
 
 Stage = Literal["clip", "prior", "decoder"]
+logger = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -123,7 +125,9 @@ def train_stage(
             "progress": progress,
         }
         (job / "job.json").write_text(json.dumps(spec))
-        proc = subprocess.Popen(torchrun_command(n, job))
+        command = torchrun_command(n, job)
+        logger.info("training %s on %d processes: %s", stage, n, shlex.join(command))
+        proc = subprocess.Popen(command)
         seen = 0
         while proc.poll() is None:
             seen = _forward_metrics(job / "metrics.jsonl", seen, callback)
