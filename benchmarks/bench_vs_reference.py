@@ -3,7 +3,9 @@
 Why a separate script: the two libraries need different environments (the reference pins
 its own dependency set), and memory figures are only comparable when each side runs in a
 fresh process. So the parent starts one child per (config, side), each with its own Python,
-each child prints one JSON line of figures, and the parent prints a markdown table.
+each child prints one JSON line of figures, and the parent prints a markdown table. Each
+child also counts its training FLOPs per sample, so that the table can split a training
+speed-up into a smaller network (fewer FLOPs per sample) and faster code (more FLOP/s).
 
     python benchmarks/bench_vs_reference.py --quick        # smoke run, < 2 minutes
     python benchmarks/bench_vs_reference.py                # the issue's configs
@@ -432,6 +434,25 @@ def _measure(
     }
 
 
+def _train_flops_per_sample(work: Workload) -> float:
+    """FLOPs of one training forward + backward, per sample, as torch counts them.
+
+    Both sides run sdpa's math backend here: torch's FLOP counter has no formula for the
+    CPU flash-attention kernel, so our attention would otherwise count as zero (the
+    reference's einsum attention is counted either way). fp32, outside autocast: the count
+    does not depend on the dtype.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    work.model.train()
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        work.loss().backward()
+    work.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / work.batch
+
+
 def child_main(spec_json: str) -> None:
     """Entry point of a child process: build one side's model, measure, print one JSON line."""
     spec = json.loads(spec_json)
@@ -459,6 +480,10 @@ def child_main(spec_json: str) -> None:
             work = _ref_prior(spec, device, tokens=case == "prior_tokens")
         library = f"dalle2-pytorch {importlib.metadata.version('dalle2-pytorch')}"
     out = _measure(work, spec, device, rss_import)
+    # counted after the timed and memory figures, so that counting changes none of them
+    flops = _train_flops_per_sample(work)
+    out["train_gflop_per_sample"] = flops / 1e9
+    out["train_gflops"] = flops * out["train_samples_per_s"] / 1e9
     dtype = _mixed_dtype(device)
     out.update(
         case=case,
@@ -540,6 +565,15 @@ def _rows(
         f_s, f_cell = _sample_cell(ours, "dpmpp_2m")
         label = f"sample s, ours DPM++2M {sizes['fast_steps']} vs ref DDIM {steps}"
         rows.append((case, label, f_cell, r_cell, _ratio(r_s, f_s)))
+    # samples/s ratio = GFLOP/s ratio / GFLOP-per-sample ratio: how much of the speed-up is
+    # a smaller network (fewer FLOPs per sample) and how much is faster code (FLOP/s)
+    add("train GFLOP/sample (fwd + bwd)", "train_gflop_per_sample", 3)
+    add("train GFLOP/s achieved", "train_gflops", 2)
+    o_f, r_f = _get(ours, "train_gflop_per_sample"), _get(ref, "train_gflop_per_sample")
+    o_r, r_r = _get(ours, "train_gflops"), _get(ref, "train_gflops")
+    if o_f and r_f and o_r and r_r:
+        split = f"{r_f / o_f:.2f} x {o_r / r_r:.2f}"
+        rows.append((case, "  train speed-up = fewer FLOPs x more FLOP/s", "", "", split))
     add("peak RSS MiB (train + sample)", "rss_peak_mib", 0)
     # the same minus what `import torch` alone costs: the part the library and model own
     add("  of which above `import torch`", "rss_above_torch_mib", 0)
@@ -664,7 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_markdown(rows))
     print(
         "\nratio: speed rows are ours/reference throughput (= reference/ours time), > 1 means "
-        "ours is faster; RSS, CUDA memory and parameter rows are ours/reference."
+        "ours is faster; GFLOP/sample, RSS, CUDA memory and parameter rows are "
+        "ours/reference. GFLOP/sample: torch's FlopCounterMode over one training forward + "
+        "backward; GFLOP/s: that x train samples/s. The speed-up row splits the train "
+        "samples/s ratio into reference/ours FLOPs per sample x ours/reference FLOP/s."
         "\nNFE = denoiser forward calls counted during the timed sampling run."
     )
     if args.quick:

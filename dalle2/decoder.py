@@ -86,9 +86,7 @@ class DecoderStage(nn.Module):
 
         return self.process.training_loss(model, target)
 
-    def forward(self, images: Tensor, image_embed: Tensor) -> Tensor:
-        """The training loss: calling the module lets a DDP wrapper sync its gradients."""
-        return self.loss(images, image_embed)
+    forward = loss  # calling the module computes the loss, so DDP's hooks see it
 
     @staticmethod
     def _crop(target: Tensor, lowres: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:

@@ -59,15 +59,7 @@ class DiffusionPrior(nn.Module):
         model = self._model(scale_embed(text_embed), text_tokens, text_mask, drop)
         return self.process.training_loss(model, scale_embed(image_embed))
 
-    def forward(
-        self,
-        text_embed: Tensor,
-        image_embed: Tensor,
-        text_tokens: Tensor | None = None,
-        text_mask: Tensor | None = None,
-    ) -> Tensor:
-        """The training loss: calling the module lets a DDP wrapper sync its gradients."""
-        return self.loss(text_embed, image_embed, text_tokens, text_mask)
+    forward = loss  # calling the module computes the loss, so DDP's hooks see it
 
     @torch.no_grad()
     def sample(
