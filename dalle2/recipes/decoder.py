@@ -13,7 +13,7 @@ from dalle2.recipes._fit import Run, fit, seed_everything, stream
 from dalle2.trainer import TrainResult
 
 
-def _inputs(batch: D.Batch) -> D.Batch:
+def model_inputs(batch: D.Batch) -> D.Batch:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], in the loader worker."""
     images = batch["image"].permute(0, 3, 1, 2).float().div(127.5).sub(1)
     return {"image": images.contiguous(), "image_embed": batch["image_embed"].float()}
@@ -26,7 +26,7 @@ def fit_decoder_stage(
     s = cfg.decoder[index]
     seed_everything(s.train.seed)
     stage = DecoderStage(s)
-    batches = stream(shard_dir, emb_dir, s.train, cfg.data, run, transform=_inputs)
+    batches = stream(shard_dir, emb_dir, s.train, cfg.data, run, transform=model_inputs)
 
     def loss_fn(model: torch.nn.Module, b: D.Batch) -> torch.Tensor:
         return model(b["image"], b["image_embed"])
