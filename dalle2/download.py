@@ -168,7 +168,11 @@ def run_img2dataset(url_list: Path, out_dir: Path, cfg: DataConfig, progress: bo
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its only outside request
     from img2dataset import download
 
-    with contextlib.redirect_stdout(None if progress else open(os.devnull, "w")):
+    with contextlib.ExitStack() as stack:
+        if not progress:  # img2dataset prints its own progress; silence it when asked
+            stack.enter_context(
+                contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w")))
+            )
         download(
             url_list=str(url_list),
             output_folder=str(out_dir),
@@ -241,6 +245,11 @@ def download_dataset(
     source and shard size is continued, any other is deleted first.
     """
     check_distributor(cfg)
+    if cfg.url_list is not None and Path(cfg.url_list).resolve().is_relative_to(out_dir.resolve()):
+        raise DownloadError(
+            f"data.url_list {cfg.url_list} lies inside {out_dir}, which each download replaces; "
+            "keep the URL list outside the data folder"
+        )
     partial = out_dir.with_name(out_dir.name + ".partial")
     marker = partial / PARTIAL_SOURCE_FILE
     fingerprint = json.dumps(

@@ -300,3 +300,12 @@ def test_dvc_versioning_round_trip(tmp_path: Path) -> None:
     _dvc(root, "pull", "-q")
     assert (root / "data" / "a.txt").read_text() == "one"
     assert is_in_sync(root, "data")
+
+
+def test_a_url_list_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:1/a.png,a\n")
+    cfg = DataConfig(url_list=str(tmp_path / "data" / "urls.csv"))
+    with pytest.raises(DownloadError, match="lies inside .* keep the URL list outside"):
+        download_dataset(cfg, tmp_path / "data", tmp_path / "cache", progress=False)
+    assert (tmp_path / "data" / "urls.csv").is_file()
