@@ -306,6 +306,6 @@ def test_a_url_list_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:1/a.png,a\n")
     cfg = DataConfig(url_list=str(tmp_path / "data" / "urls.csv"))
-    with pytest.raises(DownloadError, match="lies inside .* keep the URL list outside"):
+    with pytest.raises(DownloadError, match=r"lies inside .* keep the URL list outside"):
         download_dataset(cfg, tmp_path / "data", tmp_path / "cache", progress=False)
     assert (tmp_path / "data" / "urls.csv").is_file()
