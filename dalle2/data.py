@@ -16,7 +16,6 @@ so memory is bounded by shard size, buffer and batch, whatever the dataset's siz
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import os
 import random
@@ -29,13 +28,15 @@ import numpy as np
 import pandas as pd
 import torch
 import webdataset as wds
-from PIL import Image
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, IterableDataset
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as decode_image_bytes
 from webdataset.utils import pytorch_worker_info
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 Split = Literal["train", "holdout", "all"]
+INDEX_CACHE_SAMPLES = 500_000  # tar index entries a reader keeps (~100 MB): bounded memory
 Sample = dict[str, Any]
 Batch = dict[str, Any]
 
@@ -103,6 +104,27 @@ def tar_samples(path: Path) -> Iterator[Sample]:
             yield sample
 
 
+TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]  # [(key, {ext: (offset, size)})]
+
+
+def tar_index(path: Path) -> TarIndex:
+    """Where each complete sample's files lie in a tar, in the tar's order.
+
+    Parsing tar headers (img2dataset writes a pax header per file) costs more than decoding
+    a small PNG; with an index, later epochs read a shard by seeking instead.
+    """
+    index: TarIndex = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.rpartition(".")
+            if not index or index[-1][0] != key:
+                index.append((key, {}))
+            index[-1][1][ext.lower()] = (m.offset_data, m.size)
+    return [e for e in index if "txt" in e[1] and any(x in e[1] for x in IMAGE_EXTS)]
+
+
 def tar_keys(path: Path) -> list[str]:
     """Keys of a tar's image members in order, from the headers alone (no image bytes read)."""
     with tarfile.open(path) as tar:
@@ -110,10 +132,14 @@ def tar_keys(path: Path) -> list[str]:
     return [n.rpartition(".")[0] for n in names if n.rpartition(".")[2].lower() in IMAGE_EXTS]
 
 
-def decode_image(sample: Sample) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a raw sample."""
+def decode_image(sample: dict[str, bytes]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a raw sample ({ext: bytes}); torchvision's decoders are ~2x
+    faster than PIL's on small images, and decoding is most of what streaming costs."""
     data = next(sample[e] for e in IMAGE_EXTS if e in sample)
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    chw = decode_image_bytes(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
+    )
+    return chw.permute(1, 2, 0).numpy()
 
 
 def caption_of(sample: Sample) -> str:
@@ -314,6 +340,8 @@ class ShardStream(IterableDataset):
         self.unique_captions = unique_captions
         self.drop_last = drop_last
         self.transform = transform
+        self._index: dict[str, TarIndex] = {}  # per reader process, up to INDEX_CACHE_SAMPLES
+        self._indexed = 0
 
     # ------------------------------------------------------------------ one shard
 
@@ -327,6 +355,24 @@ class ShardStream(IterableDataset):
             raise AlignmentError(f"embedding shard {name} lacks {missing}")
         return keys, {w: arrays[w] for w in wanted}
 
+    def _read_tar(self, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """(key, {ext: bytes}) of a shard's image and caption files, through a cached index."""
+        path = self.shard_dir / f"{name}.tar"
+        index = self._index.get(name)
+        if index is None:
+            index = tar_index(path)
+            if self._indexed + len(index) <= INDEX_CACHE_SAMPLES:
+                self._index[name] = index
+                self._indexed += len(index)
+        with open(path, "rb") as f:
+            for key, parts in index:
+                raw = {}
+                for ext, (offset, size) in parts.items():
+                    if ext == "txt" or ext in IMAGE_EXTS:
+                        f.seek(offset)
+                        raw[ext] = f.read(size)
+                yield key, raw
+
     def _shard(self, name: str) -> Iterator[Sample]:
         """Samples of one shard, with embeddings joined and checked when there are any."""
         rows: dict[str, np.ndarray] = {}
@@ -339,12 +385,12 @@ class ShardStream(IterableDataset):
                 yield {"__key__": key, "caption": captions[i], **{k: rows[k][i] for k in rows}}
             return
         i = -1
-        for i, raw in enumerate(tar_samples(self.shard_dir / f"{name}.tar")):
-            sample = {"__key__": raw["__key__"], "caption": caption_of(raw), "raw": raw}
+        for i, (key, raw) in enumerate(self._read_tar(name)):
+            sample = {"__key__": key, "caption": caption_of(raw), "raw": raw}
             if rows:
-                if i >= len(keys) or keys[i] != raw["__key__"]:
+                if i >= len(keys) or keys[i] != key:
                     raise AlignmentError(
-                        f"shard {name}: sample {i} is key {raw['__key__']} in the tar but "
+                        f"shard {name}: sample {i} is key {key} in the tar but "
                         f"{keys[i] if i < len(keys) else 'missing'} in the embedding shard; "
                         "the embeddings are stale, rerun compute_clip_embeddings"
                     )

@@ -92,8 +92,8 @@ def _forward_metrics(path: Path, done: int, callback: MetricsCallback | None) ->
     """Hand lines past the first `done` of a metrics file to `callback`; returns lines seen."""
     if not path.is_file():
         return done
-    lines = path.read_text().splitlines()
-    complete = lines if path.read_text().endswith("\n") else lines[:-1]
+    text = path.read_text()
+    complete = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
     for line in complete[done:]:
         record = json.loads(line)
         if callback is not None:

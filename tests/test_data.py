@@ -107,7 +107,9 @@ def test_a_tampered_embedding_shard_is_one_error_naming_it(tmp_path, tamper, mat
     assert not D.embedding_shard_ok(shard_dir / "00001.tar", emb_dir, with_tokens=False)
 
 
-def test_memory_is_bounded_by_shard_buffer_and_batch_not_by_the_dataset(tmp_path):
+def test_memory_is_bounded_by_shard_buffer_and_batch_not_by_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "INDEX_CACHE_SAMPLES", 150)  # the tar index cache has a cap too
+
     def peak(shards: int) -> int:
         shard_dir, emb_dir = write_shard_set(tmp_path / str(shards), shards, 100, size=64)
         stream = D.ShardStream(shard_dir, emb_dir, batch_size=8, shuffle_buffer=32, epochs=1)
