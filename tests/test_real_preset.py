@@ -133,6 +133,14 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh project (git, DVC, ZenML + MLflow) that ran the shrunk preset once."""
     assets = tmp_path_factory.mktemp("assets")
     root = tmp_path_factory.mktemp("real-project")
+    with pytest.MonkeyPatch.context() as mp:
+        # its own ZenML store: the e2e test's store already holds a tracker of this name
+        mp.setenv("ZENML_CONFIG_PATH", str(assets / "zenml-config"))
+        _run_preset(root, assets)
+    return root
+
+
+def _run_preset(root: Path, assets: Path) -> None:
     run(["git", "init", "-q"], root)
     run([str(BIN / "dvc"), "init", "-q"], root)
     run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(assets / "dvc-remote")], root)
@@ -158,7 +166,6 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         parse_config(run_yaml["parameters"]["config"])  # a bad override fails here, not in ZenML
         (root / "real.yaml").write_text(yaml.safe_dump(run_yaml, sort_keys=False))
         run([zenml, "pipeline", "run", PIPELINE, "-c", "real.yaml"], root)
-    return root
 
 
 def test_preset_runs_end_to_end_with_pretrained_clip_and_text_tokens(real_run: Path) -> None:
