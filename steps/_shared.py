@@ -20,7 +20,7 @@ import torch
 from dalle2.config import UnclipConfig, parse_config
 from dalle2.device import pick_device
 from dalle2.models import ModelArtifact
-from dalle2.trainer import MetricsCallback
+from dalle2.trainer import MetricsCallback, TrainResult
 
 logger = logging.getLogger("dalle2")
 
@@ -85,3 +85,16 @@ def git_commit(root: Path) -> str:
         ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False
     )
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def log_training(name: str, result: TrainResult, seconds: float) -> None:
+    """A trained model's summary; `{name}/steps` records where a clock-capped run stopped,
+    so it can be reproduced with `train.steps` pinned to it."""
+    log_metrics(
+        {
+            f"{name}/final_loss": result.final_loss,
+            f"{name}/samples_per_s": result.samples_per_s,
+            f"{name}/steps": result.steps,
+            f"time/train_{name}_s": seconds,
+        }
+    )

@@ -10,7 +10,7 @@ from dalle2.data import DatasetRef
 from dalle2.launch import train_stage
 from dalle2.models import ModelArtifact, pack_clip, unpack_clip
 from dalle2.recipes.clip import load_clip_for, retrieval_accuracy
-from steps._shared import load, log_metrics, log_model, metrics_callback
+from steps._shared import load, log_metrics, log_model, log_training, metrics_callback
 
 
 @step(enable_cache=False)
@@ -24,11 +24,10 @@ def train_clip(
     artifact, result = train_stage(
         "clip", cfg, inputs, device=device, callback=metrics_callback("clip"), progress=cfg.progress
     )
-    metrics = {"clip/final_loss": result.final_loss, "time/train_clip_s": time.perf_counter() - t0}
+    log_training("clip", result, time.perf_counter() - t0)
     acc = retrieval_accuracy(unpack_clip(artifact).to(device), dataset.path, cfg)
     if not math.isnan(acc):
-        metrics["clip/retrieval_acc_holdout"] = acc
-    log_metrics(metrics)
+        log_metrics({"clip/retrieval_acc_holdout": acc})
     log_model(artifact, "clip")
     return artifact
 

@@ -8,7 +8,7 @@ from zenml import ArtifactConfig, step
 from dalle2.data import DatasetRef, EmbeddingsRef
 from dalle2.launch import train_stage
 from dalle2.models import ModelArtifact
-from steps._shared import load, log_metrics, log_model, metrics_callback
+from steps._shared import load, log_model, log_training, metrics_callback
 
 
 @step(enable_cache=False)
@@ -30,12 +30,6 @@ def train_decoder_unet(
         callback=metrics_callback(name),
         progress=cfg.progress,
     )
-    log_metrics(
-        {
-            f"{name}/final_loss": result.final_loss,
-            f"{name}/samples_per_s": result.samples_per_s,
-            f"time/train_{name}_s": time.perf_counter() - t0,
-        }
-    )
+    log_training(name, result, time.perf_counter() - t0)
     log_model(artifact, name)
     return artifact

@@ -8,7 +8,7 @@ from zenml import ArtifactConfig, step
 from dalle2.data import EmbeddingsRef
 from dalle2.launch import train_stage
 from dalle2.models import ModelArtifact
-from steps._shared import load, log_metrics, log_model, metrics_callback
+from steps._shared import load, log_model, log_training, metrics_callback
 
 
 @step(enable_cache=False)
@@ -26,12 +26,6 @@ def train_prior(
         callback=metrics_callback("prior"),
         progress=cfg.progress,
     )
-    log_metrics(
-        {
-            "prior/final_loss": result.final_loss,
-            "prior/samples_per_s": result.samples_per_s,
-            "time/train_prior_s": time.perf_counter() - t0,
-        }
-    )
+    log_training("prior", result, time.perf_counter() - t0)
     log_model(artifact, "prior")
     return artifact

@@ -164,6 +164,11 @@ def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) 
         assert key in metrics, f"{key} missing from the MLflow run"
     assert "fid" not in metrics, "without Inception weights the distance must not be called fid"
     assert metrics["data/successes"] == 216
+    assert (metrics["clip/steps"], metrics["prior/steps"], metrics["decoder_unet_0/steps"]) == (
+        10,
+        10,
+        6,
+    ), "each model records the steps it trained"
     assert 0.0 <= metrics["fidelity_all"] <= 1.0
     assert params["data.num_synthetic"] == "216"
     assert params["decoder.1.lowres_size"] == "16"
