@@ -126,10 +126,8 @@ def tar_index(path: Path) -> TarIndex:
 
 
 def tar_keys(path: Path) -> list[str]:
-    """Keys of a tar's image members in order, from the headers alone (no image bytes read)."""
-    with tarfile.open(path) as tar:
-        names = [m.name for m in tar.getmembers() if m.isfile()]
-    return [n.rpartition(".")[0] for n in names if n.rpartition(".")[2].lower() in IMAGE_EXTS]
+    """Keys of a tar's complete samples in order, from the headers alone."""
+    return [key for key, _ in tar_index(path)]
 
 
 def decode_image(sample: dict[str, bytes]) -> np.ndarray:
