@@ -257,7 +257,7 @@ def _load_in_memory(
 
     images, embeds = [], []
     for tar in D.shard_paths(shard_dir):
-        _, arrays = D.read_embedding_shard(emb_dir, tar.stem)
+        _, _, arrays = D.read_embedding_shard(emb_dir, tar.stem)
         for i, raw in enumerate(D.tar_samples(tar)):
             if D.in_split(raw["__key__"], "train", holdout_fraction):
                 images.append(D.decode_image(raw))

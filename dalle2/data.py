@@ -185,27 +185,30 @@ def write_embedding_shard(
     os.replace(tmp, out_dir / f"{name}.parquet")
 
 
-def read_embedding_shard(emb_dir: Path, name: str) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Keys and arrays of one embedding shard, checked to have one row per key."""
+def read_embedding_shard(
+    emb_dir: Path, name: str
+) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """Keys, captions and arrays of one embedding shard, checked to have one row per key."""
     meta, npz = Path(emb_dir) / f"{name}.parquet", Path(emb_dir) / f"{name}.npz"
     if not (meta.is_file() and npz.is_file()):
         raise AlignmentError(
             f"image shard {name}.tar has no embedding shard in {emb_dir}; "
             "rerun compute_clip_embeddings"
         )
-    keys = pd.read_parquet(meta, columns=["key"])["key"].tolist()
+    frame = pd.read_parquet(meta, columns=["key", "caption"])
+    keys = frame["key"].tolist()
     with np.load(npz) as z:
         arrays = {k: z[k] for k in z.files}
     bad = [k for k, a in arrays.items() if len(a) != len(keys)]
     if bad:
         raise AlignmentError(f"embedding shard {name}: {bad} do not have {len(keys)} rows")
-    return keys, arrays
+    return keys, frame["caption"].tolist(), arrays
 
 
 def embedding_shard_ok(tar: Path, emb_dir: Path, with_tokens: bool) -> bool:
     """True when `tar` has a complete embedding shard with its keys in its order."""
     try:
-        keys, arrays = read_embedding_shard(emb_dir, tar.stem)
+        keys, _, arrays = read_embedding_shard(emb_dir, tar.stem)
     except (AlignmentError, OSError, ValueError):
         return False
     needed = {"image_embed", "text_embed"} | (
@@ -343,15 +346,15 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ one shard
 
-    def _embedding_rows(self, name: str) -> tuple[list[str], dict[str, np.ndarray]]:
-        keys, arrays = read_embedding_shard(self.emb_dir, name)
+    def _embedding_rows(self, name: str) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+        keys, captions, arrays = read_embedding_shard(self.emb_dir, name)
         wanted = ["image_embed", "text_embed"]
         if self.text_tokens:
             wanted += ["text_tokens", "text_mask"]
         missing = [w for w in wanted if w not in arrays]
         if missing:
             raise AlignmentError(f"embedding shard {name} lacks {missing}")
-        return keys, {w: arrays[w] for w in wanted}
+        return keys, captions, {w: arrays[w] for w in wanted}
 
     def _read_tar(self, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         """(key, {ext: bytes}) of a shard's image and caption files, through a cached index."""
@@ -375,10 +378,10 @@ class ShardStream(IterableDataset):
         """Samples of one shard, with embeddings joined and checked when there are any."""
         rows: dict[str, np.ndarray] = {}
         keys: list[str] = []
+        captions: list[str] = []
         if self.emb_dir is not None:
-            keys, rows = self._embedding_rows(name)
+            keys, captions, rows = self._embedding_rows(name)
         if self.shard_dir is None:
-            captions = pd.read_parquet(self.emb_dir / f"{name}.parquet")["caption"].tolist()
             for i, key in enumerate(keys):
                 yield {"__key__": key, "caption": captions[i], **{k: rows[k][i] for k in rows}}
             return
