@@ -283,13 +283,14 @@ def _fit_in_memory(
     stage = DecoderStage(s)
     rng = np.random.default_rng(s.train.seed)
     size = s.train.batch_size
+    gen = torch.Generator().manual_seed(s.train.seed)
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:  # shuffled epochs; the last short batch of each is dropped
             order = torch.from_numpy(rng.permutation(len(images)))
             for start in range(0, len(order) - size + 1, size):
                 i = order[start : start + size]
-                yield model_inputs({"image": images[i], "image_embed": embeds[i]})
+                yield model_inputs({"image": images[i], "image_embed": embeds[i]}, gen)
 
     def loss_fn(model: torch.nn.Module, b: dict[str, Any]) -> torch.Tensor:
         return model(b["image"], b["image_embed"])

@@ -64,8 +64,11 @@ class TrainConfig(_Strict):
     ema_warmup: bool = True  # decay ramps up so early EMA is not stuck at init
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 CPU, fp16 CUDA
     log_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)  # resumable checkpoints (and at the end, SIGTERM)
     seed: int = 0
-    max_minutes: float | None = Field(None, gt=0)  # wall-clock cap, for laptop budgets
+    # wall-clock cap per attempt, for laptop budgets; the run then depends on the machine's
+    # speed: pin `steps` to the `{model}/steps` it logged to reproduce it
+    max_minutes: float | None = Field(None, gt=0)
     # data-parallel processes (torchrun); batch_size stays the global batch, split across them
     num_processes: int = Field(1, ge=1)
 

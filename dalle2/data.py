@@ -39,16 +39,17 @@ Split = Literal["train", "holdout", "all"]
 INDEX_CACHE_SAMPLES = 500_000  # tar index entries a reader keeps (~100 MB): bounded memory
 Sample = dict[str, Any]
 Batch = dict[str, Any]
+# augmentation of a collated batch; draws its randomness from the generator it is handed
+Transform = Callable[[Batch, torch.Generator], Batch]
 
 
 class DatasetRef(BaseModel):
     """A downloaded, DVC-versioned dataset: what the download step hands on."""
 
     path: str  # directory of webdataset shards
-    md5: str  # DVC md5 of the directory: names the data snapshot
+    md5: str  # from DVC's md5s of the directory's files: names the dataset
     num_samples: int
     num_failed: int = 0
-    skipped_download: bool = False
 
 
 class EmbeddingsRef(BaseModel):
@@ -227,12 +228,6 @@ def embedding_names(emb_dir: Path) -> list[str]:
 # ----------------------------------------------------------------------------- streaming
 
 
-def _reader_slot() -> tuple[int, int]:
-    """(this reader's index, number of readers) over all processes and their workers."""
-    rank, world, worker, workers = pytorch_worker_info()
-    return rank * workers + worker, world * workers
-
-
 def _collate(samples: list[Sample]) -> Batch:
     """Stack a list of samples into a batch; images are decoded here, in the worker."""
     batch: Batch = {"key": [s["__key__"] for s in samples]}
@@ -302,7 +297,8 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples mixed per reader; 0 keeps shard order (evaluation).
         epochs: passes over the data; None streams forever (training is step-based).
         unique_captions: batches without repeated captions (contrastive training).
-        transform: applied to each collated batch in the worker (augmentation).
+        transform: applied to each collated batch in the worker, with a generator seeded by
+            the batch's position (augmentation that a resumed stream repeats exactly).
     """
 
     def __init__(
@@ -319,7 +315,7 @@ class ShardStream(IterableDataset):
         epochs: int | None = None,
         unique_captions: bool = False,
         drop_last: bool = True,
-        transform: Callable[[Batch], Batch] | None = None,
+        transform: Transform | None = None,
     ) -> None:
         super().__init__()
         if shard_dir is None and emb_dir is None:
@@ -341,6 +337,7 @@ class ShardStream(IterableDataset):
         self.unique_captions = unique_captions
         self.drop_last = drop_last
         self.transform = transform
+        self.start_batch = 0  # see start_at
         self._index: dict[str, TarIndex] = {}  # per reader process, up to INDEX_CACHE_SAMPLES
         self._indexed = 0
 
@@ -356,17 +353,19 @@ class ShardStream(IterableDataset):
             raise AlignmentError(f"embedding shard {name} lacks {missing}")
         return keys, captions, {w: arrays[w] for w in wanted}
 
-    def _read_tar(self, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """(key, {ext: bytes}) of a shard's image and caption files, through a cached index."""
-        path = self.shard_dir / f"{name}.tar"
+    def _tar_index(self, name: str) -> TarIndex:
         index = self._index.get(name)
         if index is None:
-            index = tar_index(path)
+            index = tar_index(self.shard_dir / f"{name}.tar")
             if self._indexed + len(index) <= INDEX_CACHE_SAMPLES:
                 self._index[name] = index
                 self._indexed += len(index)
-        with open(path, "rb") as f:
-            for key, parts in index:
+        return index
+
+    def _read_tar(self, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """(key, {ext: bytes}) of a shard's image and caption files, through a cached index."""
+        with open(self.shard_dir / f"{name}.tar", "rb") as f:
+            for key, parts in self._tar_index(name):
                 raw = {}
                 for ext, (offset, size) in parts.items():
                     if ext == "txt" or ext in IMAGE_EXTS:
@@ -404,15 +403,18 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ the stream
 
-    def _epoch(self, epoch: int, slot: int, readers: int) -> Iterator[Sample]:
+    def _epoch_shards(self, epoch: int, slot: int, readers: int) -> tuple[list[str], int]:
+        """This reader's shards in `epoch` and the stride of the samples it keeps of them."""
         names = list(self.names)
         if self.shuffle_buffer > 0:  # the same order in every reader, so the split partitions
             random.Random(f"{self.seed}/{epoch}").shuffle(names)
-        stride = 1
         if len(names) >= readers:
-            names = names[slot::readers]
-        else:  # fewer shards than readers: all read every shard, each keeps its n-th samples
-            stride = readers
+            return names[slot::readers], 1
+        # fewer shards than readers: all read every shard, each keeps its n-th samples
+        return names, readers
+
+    def _epoch(self, epoch: int, slot: int, readers: int) -> Iterator[Sample]:
+        names, stride = self._epoch_shards(epoch, slot, readers)
         for name in names:
             for i, s in enumerate(self._shard(name)):
                 if i % stride == slot % stride and in_split(
@@ -420,42 +422,105 @@ class ShardStream(IterableDataset):
                 ):
                     yield s
 
-    def _samples(self, slot: int, readers: int) -> Iterator[Sample]:
-        for epoch in itertools.count() if self.epochs is None else range(self.epochs):
-            empty = True
-            for s in self._epoch(epoch, slot, readers):
-                empty = False
-                yield s
-            if empty and self.epochs is None:
-                raise ValueError(
-                    f"reader {slot} of {readers} found no {self.split} samples in "
-                    f"{self.shard_dir or self.emb_dir}; use fewer processes or loader workers"
-                )
+    def _shard_keys(self, name: str) -> list[str]:
+        """Keys a shard yields, in order, without reading its images (to count batches)."""
+        if self.emb_dir is not None:  # checked against the tar as the shard is streamed
+            meta = self.emb_dir / f"{name}.parquet"
+            return pd.read_parquet(meta, columns=["key"])["key"].tolist()
+        return [key for key, _ in self._tar_index(name)]
 
-    def __iter__(self) -> Iterator[Batch]:
-        slot, readers = _reader_slot()
-        rng = random.Random(f"{self.seed}/{slot}")
-        samples = self._samples(slot, readers)
+    def _epoch_batches(self, epoch: int, slot: int, readers: int) -> int:
+        """Batches this reader yields in `epoch`: counted from keys, nothing is decoded."""
+        names, stride = self._epoch_shards(epoch, slot, readers)
+        n = sum(
+            1
+            for name in names
+            for i, key in enumerate(self._shard_keys(name))
+            if i % stride == slot % stride and in_split(key, self.split, self.holdout_fraction)
+        )
+        return n // self.batch_size
+
+    def _too_small(self, readers: int) -> bool:
+        """Whether the readers' average share of an epoch falls short of a batch, so some
+        would never fill one (an epoch without a batch is otherwise normal: small shards)."""
+        total = sum(
+            in_split(key, self.split, self.holdout_fraction)
+            for name in self.names
+            for key in self._shard_keys(name)
+        )
+        return total < readers * self.batch_size
+
+    def _epoch_chunks(self, epoch: int, slot: int, readers: int) -> Iterator[list[Sample]]:
+        """One epoch's batches of samples; the shuffle buffer starts empty every epoch, so an
+        epoch's batches depend on nothing before it and a resumed stream can jump to it."""
+        samples = self._epoch(epoch, slot, readers)
+        rng = random.Random(f"{self.seed}/{slot}/{epoch}")
         if self.shuffle_buffer > 0:
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         if self.unique_captions:
             limit = max(self.shuffle_buffer, 2 * self.batch_size)
-            chunks = _unique_caption_batches(samples, self.batch_size, limit, rng)
-        else:
-            chunks = _batches(samples, self.batch_size, self.drop_last)
-        for chunk in chunks:
-            batch = _collate(chunk)
-            yield batch if self.transform is None else self.transform(batch)
+            return _unique_caption_batches(samples, self.batch_size, limit, rng)
+        return _batches(samples, self.batch_size, self.drop_last)
+
+    def _generator(self, slot: int, position: int) -> torch.Generator:
+        """The augmentation RNG of a batch: seeded by its position, so it is the same batch
+        whether the stream ran from the start or was resumed past it."""
+        digest = hashlib.blake2b(f"{self.seed}/{slot}/{position}".encode(), digest_size=8)
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "big") >> 1)
+
+    def start_at(self, batches: int) -> None:
+        """Begin at this process's batch `batches` (a resumed run): whole epochs before it
+        are skipped by counting keys, the rest of its epoch by reading without decoding."""
+        if batches and not self.drop_last:
+            raise ValueError("only a stream that drops partial batches can be resumed")
+        self.start_batch = batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world, worker, workers = pytorch_worker_info()
+        # The DataLoader takes batches from its workers in turn, starting with worker 0:
+        # resumed at global batch n, worker w plays the reader whose turn batch n + w was.
+        reader = (worker + self.start_batch) % workers
+        slot, readers = rank * workers + reader, world * workers
+        skip = (worker + self.start_batch) // workers
+        position = 0
+        for epoch in itertools.count() if self.epochs is None else range(self.epochs):
+            if skip:
+                n = self._epoch_batches(epoch, slot, readers)
+                if n <= skip and n > 0:
+                    skip, position = skip - n, position + n
+                    continue
+            empty = True
+            for chunk in self._epoch_chunks(epoch, slot, readers):
+                empty = False
+                if skip:
+                    skip, position = skip - 1, position + 1
+                    continue
+                batch = _collate(chunk)
+                if self.transform is not None:
+                    batch = self.transform(batch, self._generator(slot, position))
+                position += 1
+                yield batch
+            if empty and self.epochs is None and self._too_small(readers):
+                raise ValueError(
+                    f"reader {slot} of {readers} found fewer than {self.batch_size} "
+                    f"{self.split} samples in {self.shard_dir or self.emb_dir}; use fewer "
+                    "processes or loader workers, or a smaller batch"
+                )
 
 
-def loader(stream: ShardStream, workers: int) -> DataLoader:
-    """A DataLoader over a stream's batches: reading, decoding and collating in `workers`."""
+def loader(stream: ShardStream, workers: int, seed: int = 0) -> DataLoader:
+    """A DataLoader over a stream's batches: reading, decoding and collating in `workers`.
+
+    It has its own generator: a DataLoader draws its workers' seeds when iterated, and
+    drawing them from torch's global RNG would shift the training noise of a resumed run.
+    """
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -1,5 +1,9 @@
 """Turn a URL list into webdataset shards with img2dataset, and count what failed.
 
+Each source downloads into its own folder of the data folder, data/<key>, where the key
+hashes everything that decides the downloaded bytes; so runs with different sources can
+run side by side, and runs of one source share one download (see prepare_dataset).
+
 The default dataset (shapes64) is generated locally and served by a loopback HTTP
 server that lives only as long as the download, so it takes exactly the path a real
 URL list takes: HTTP fetch, decode, resize, shard.
@@ -12,12 +16,15 @@ slices of the URL list, so the list handed to it must be the same rows in the sa
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import http.server
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import threading
 import urllib.parse
@@ -30,6 +37,19 @@ import pandas as pd
 
 from dalle2 import synthetic
 from dalle2.config import DataConfig
+from dalle2.versioning import (
+    LOCK_DIR,
+    VersioningError,
+    add_and_push,
+    dataset_md5,
+    file_lock,
+    is_in_sync,
+    pointer_md5,
+    repo_lock,
+    snapshot_files,
+)
+
+logger = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"
 # The fingerprint of a partial download; not *.json, as img2dataset's incremental mode
@@ -115,8 +135,27 @@ def source_fingerprint(cfg: DataConfig) -> dict:
         path = Path(cfg.url_list)
         digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
         schemes = sorted({s.lower() for s in cfg.allowed_url_schemes})
-        fp["url_list"] = {"name": path.name, "md5": digest, "allowed_url_schemes": schemes}
+        fp["url_list"] = {
+            "name": path.name,
+            "md5": digest,
+            "columns": [cfg.url_col, cfg.caption_col],
+            "allowed_url_schemes": schemes,
+        }
     return fp
+
+
+def dataset_key(cfg: DataConfig) -> str:
+    """The folder name of this source's download under data/: a readable name + a hash.
+
+    The hash covers the source fingerprint and the shard size, everything that decides the
+    downloaded bytes, so two configs share a folder exactly when they download the same.
+    """
+    full = json.dumps({**source_fingerprint(cfg), "shard_size": cfg.shard_size}, sort_keys=True)
+    digest = hashlib.sha256(full.encode()).hexdigest()[:12]
+    if cfg.url_list is None:
+        return f"shapes64-{cfg.num_synthetic}-{digest}"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.url_list).stem).strip("._-")[:40]
+    return f"{stem or 'urls'}-{digest}"
 
 
 def url_scheme(url: str) -> str:
@@ -236,79 +275,78 @@ def _fetch(
     return refused
 
 
-def download_dataset(
-    cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool = True
-) -> DownloadStats:
-    """Download into `out_dir` (replacing it only on success); returns the stats.
-
-    The download is made in `{out_dir}.partial`; one a crashed run left there for the same
-    source and shard size is continued, any other is deleted first.
-    """
-    check_distributor(cfg)
-    if cfg.url_list is not None and Path(cfg.url_list).resolve().is_relative_to(out_dir.resolve()):
-        raise DownloadError(
-            f"data.url_list {cfg.url_list} lies inside {out_dir}, which each download replaces; "
-            "keep the URL list outside the data folder"
-        )
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    marker = partial / PARTIAL_SOURCE_FILE
-    fingerprint = json.dumps(
-        {**source_fingerprint(cfg), "shard_size": cfg.shard_size}, indent=1, sort_keys=True
-    )
-    if marker.is_file() and marker.read_text() == fingerprint:
-        _drop_unfinished_shards(partial)
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        marker.write_text(fingerprint)
-    list_path = partial.parent / f".{out_dir.name}-urls.parquet"
-    if cfg.url_list is None:
-        src = cache_dir / f"shapes64-{cfg.num_synthetic}-{cfg.synthetic_seed}-{cfg.image_size}"
-        if not (src / "index.parquet").is_file():
+def _synthetic_source(cfg: DataConfig, cache_dir: Path, progress: bool) -> Path:
+    """Generate shapes64 once per (size, seed) into the cache, under a lock shared by runs."""
+    src = cache_dir / f"shapes64-{cfg.num_synthetic}-{cfg.synthetic_seed}-{cfg.image_size}"
+    with file_lock(cache_dir / "locks" / f"{src.name}.lock", "another run is generating it"):
+        if not (src / "index.parquet").is_file():  # written last: a folder without it is partial
             shutil.rmtree(src, ignore_errors=True)
             frame = synthetic.generate(
                 src, cfg.num_synthetic, seed=cfg.synthetic_seed, progress=progress
             )
             frame["rel"] = [str(Path(p).relative_to(src)) for p in frame["path"]]
             frame.to_parquet(src / "index.parquet", index=False)
+    return src
+
+
+def download_dataset(
+    cfg: DataConfig, work_dir: Path, cache_dir: Path, progress: bool = True
+) -> DownloadStats:
+    """Download into `work_dir`; returns the stats. The caller holds the source's lock.
+
+    A download a crashed run left in `work_dir` for the same source and shard size is
+    continued, any other is deleted first. On success `work_dir` holds the finished
+    dataset (with its source.json); on a DownloadError it is deleted.
+    """
+    check_distributor(cfg)
+    marker = work_dir / PARTIAL_SOURCE_FILE
+    fingerprint = json.dumps(
+        {**source_fingerprint(cfg), "shard_size": cfg.shard_size}, indent=1, sort_keys=True
+    )
+    if marker.is_file() and marker.read_text() == fingerprint:
+        _drop_unfinished_shards(work_dir)
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        marker.write_text(fingerprint)
+    list_path = work_dir.parent / f".{work_dir.name}-urls.parquet"
+    if cfg.url_list is None:
+        src = _synthetic_source(cfg, cache_dir, progress)
         frame = pd.read_parquet(src / "index.parquet")
         # the port differs per run, but rows keep their order, so shards keep their rows
         with serve_directory(src) as base:
             urls = pd.DataFrame(
                 {"url": [f"{base}/{r}" for r in frame["rel"]], "caption": frame["caption"]}
             )
-            refused = _fetch(urls, list_path, partial, cfg, progress)
+            refused = _fetch(urls, list_path, work_dir, cfg, progress)
     else:
         df = read_url_list(Path(cfg.url_list), cfg.url_col, cfg.caption_col)
         urls = pd.DataFrame(
             {"url": df[cfg.url_col].astype(str), "caption": df[cfg.caption_col].astype(str)}
         )
-        refused = _fetch(urls, list_path, partial, cfg, progress)
-    marker.unlink()  # from here on the partial is finished or deleted, never continued
+        refused = _fetch(urls, list_path, work_dir, cfg, progress)
+    marker.unlink()  # from here on the download is finished or deleted, never continued
     if refused:
         n = refused.total()
-        (partial / REFUSED_STATS_FILE).write_text(
+        (work_dir / REFUSED_STATS_FILE).write_text(
             json.dumps(
                 {"count": n, "successes": 0, "failed_to_download": n, "status_dict": refused},
                 indent=1,
             )
         )
-    stats = read_stats(partial)
+    stats = read_stats(work_dir)
     if stats.successes == 0 or stats.success_ratio < cfg.min_success_ratio:
         top = ", ".join(f"{k} ({v})" for k, v in list(stats.reasons.items())[:3]) or "none"
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
         raise DownloadError(
             f"only {stats.successes} of {stats.count} images downloaded "
             f"({stats.success_ratio:.0%} < data.min_success_ratio {cfg.min_success_ratio:.0%}); "
             f"most common failures: {top}"
         )
-    shutil.rmtree(partial / "_tmp", ignore_errors=True)
-    (partial / SOURCE_FILE).write_text(
+    shutil.rmtree(work_dir / "_tmp", ignore_errors=True)
+    (work_dir / SOURCE_FILE).write_text(
         json.dumps(source_fingerprint(cfg), indent=1, sort_keys=True)
     )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
     return stats
 
 
@@ -320,3 +358,134 @@ def matches_source(out_dir: Path, cfg: DataConfig) -> bool:
     return json.loads(f.read_text()) == json.loads(
         json.dumps(source_fingerprint(cfg), sort_keys=True)
     )
+
+
+DOWNLOADS_DIR = Path(".cache") / "downloads"  # unfinished downloads: outside data/, same disk
+
+
+@dataclass
+class PreparedDataset:
+    """One source's dataset in the data folder, versioned by DVC."""
+
+    path: Path  # data/<key>: this source's shards
+    md5: str  # md5 of this folder's files (dataset_md5): names the dataset
+    snapshot_md5: str  # data.dvc's md5 after this run: `dvc pull` of that data.dvc restores it
+    stats: DownloadStats
+    skipped: bool  # no download: a folder an earlier run made was reused
+
+
+def _source_lock(root: Path, key: str) -> Path:
+    return root / LOCK_DIR / f"download-{key}.lock"
+
+
+def _drop_abandoned(root: Path, keep: str) -> None:
+    """Delete unfinished downloads of other sources that no live run is working on.
+
+    A crashed run's download is continued by the next run of its source, and deleted by a
+    run of another source (so crashed downloads do not pile up); never one a run still holds.
+    """
+    for partial in (root / DOWNLOADS_DIR).glob("*.partial"):
+        key = partial.name.removesuffix(".partial")
+        if key == keep:
+            continue
+        with file_lock(_source_lock(root, key), "", wait=False) as held:
+            if held:
+                logger.info("deleting %s, an unfinished download of another source", partial)
+                shutil.rmtree(partial, ignore_errors=True)
+
+
+def _install(work_dir: Path, out_dir: Path) -> None:
+    """Move a finished download into the data folder in one step; the repo lock is held.
+
+    A rename when both lie on one filesystem; otherwise a copy into a hidden sibling (that
+    .dvcignore hides) renamed into place, so `out_dir` never exists half-written.
+    """
+    if out_dir.exists():  # this source's folder, but not a finished download of it
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(work_dir, out_dir)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        staging = out_dir.with_name(f".{out_dir.name}.incoming")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(work_dir, staging)
+        os.rename(staging, out_dir)
+        shutil.rmtree(work_dir)
+
+
+def _version(root: Path, cfg: DataConfig, key: str, reused: bool) -> tuple[str, str]:
+    """(data.dvc md5, dataset md5) after this run, adding data/ only when it changed.
+
+    The caller holds the repo lock, so no other run's folder lands between add and read.
+    """
+    data_dir = cfg.data_dir
+    files = snapshot_files(root, data_dir) if reused else None
+    before = dataset_md5(files, key) if files else None
+    if before and is_in_sync(root, data_dir):
+        snapshot = pointer_md5(root, data_dir)
+        assert snapshot is not None  # is_in_sync read it
+        return snapshot, before
+    snapshot = add_and_push(root, data_dir, push=cfg.dvc_push)
+    files = snapshot_files(root, data_dir)
+    md5 = dataset_md5(files, key) if files else None
+    if md5 is None:
+        raise VersioningError(f"`dvc add {data_dir}` recorded no {data_dir}/{key} in its manifest")
+    if before and before != md5:
+        logger.warning(
+            "%s/%s differs from its last snapshot (edited by hand?): versioned as it is now, "
+            "as dataset %s; delete the folder to download the source afresh",
+            data_dir,
+            key,
+            md5,
+        )
+    return snapshot, md5
+
+
+def prepare_dataset(cfg: DataConfig, root: Path, progress: bool = True) -> PreparedDataset:
+    """Download the configured source into data/<key> (or reuse it) and version it with DVC.
+
+    Safe to run side by side in one project: a run of the same source waits for the first
+    and reuses its folder; runs of other sources download at once (in .cache/downloads/,
+    which no `dvc add data` sees) and take turns with DVC.
+
+    A folder already holding this source's download is reused without a new snapshot when
+    data/ matches data.dvc. When it does not (files edited, added or removed by hand, or
+    another data.dvc checked out), data/ is added again rather than trusting the recorded
+    md5: the md5 then names the bytes the folder holds now, which may differ from what the
+    source gives (a warning says so), while the stats stay those the download recorded.
+    """
+    root = root.resolve()
+    data_root = root / cfg.data_dir
+    if cfg.url_list is not None:
+        url_list = Path(cfg.url_list)
+        if url_list.resolve().is_relative_to(data_root.resolve()):
+            raise DownloadError(
+                f"data.url_list {cfg.url_list} lies inside {data_root}, which holds the "
+                "downloads and is versioned whole; keep the URL list outside the data folder"
+            )
+        if not url_list.is_file():  # checked before its missing md5 goes into the key
+            raise DownloadError(
+                f"URL list {url_list} does not exist; fix data.url_list in the config"
+            )
+    key = dataset_key(cfg)
+    out, work = data_root / key, root / DOWNLOADS_DIR / f"{key}.partial"
+    with file_lock(_source_lock(root, key), "another run is downloading the same data"):
+        reused = matches_source(out, cfg)
+        if not reused and not matches_source(work, cfg):  # else a crash left it finished
+            _drop_abandoned(root, keep=key)
+            download_dataset(cfg, work, root / ".cache", progress)
+        with repo_lock(root):
+            if not reused:
+                _install(work, out)
+            if loose := sorted(data_root.glob("*.tar")):
+                logger.warning(
+                    "%s holds %d shards at its top level, from before one folder per source; "
+                    "every snapshot versions them until you delete them",
+                    data_root,
+                    len(loose),
+                )
+            snapshot, md5 = _version(root, cfg, key, reused)
+        stats = read_stats(out)
+    return PreparedDataset(out, md5, snapshot, stats, skipped=reused)

@@ -28,13 +28,19 @@ from typing import Any, Literal
 
 import torch
 
-from dalle2.config import TrainConfig, UnclipConfig, parse_config
+from dalle2.config import ClipConfig, DataConfig, DecoderStageConfig, PriorConfig
 from dalle2.device import autocast_dtype, pick_device
 from dalle2.models import ModelArtifact, pack_clip, pack_prior, pack_stage
 from dalle2.recipes._fit import Run
 from dalle2.trainer import MetricsCallback, TrainResult
 
 Stage = Literal["clip", "prior", "decoder"]
+Section = ClipConfig | PriorConfig | DecoderStageConfig
+SECTIONS: dict[str, type[Section]] = {
+    "clip": ClipConfig,
+    "prior": PriorConfig,
+    "decoder": DecoderStageConfig,
+}
 logger = logging.getLogger(__name__)
 
 
@@ -42,25 +48,22 @@ class LaunchError(RuntimeError):
     """The data-parallel processes of a stage failed."""
 
 
-def train_config(cfg: UnclipConfig, stage: Stage, inputs: dict[str, Any]) -> TrainConfig:
-    if stage == "clip":
-        return cfg.clip.train
-    if stage == "prior":
-        return cfg.prior.train
-    return cfg.decoder[int(inputs["index"])].train
-
-
 def _fit(
-    stage: Stage, cfg: UnclipConfig, inputs: dict[str, Any], run: Run
+    stage: Stage, section: Section, data: DataConfig, inputs: dict[str, Any], run: Run
 ) -> tuple[torch.nn.Module, TrainResult]:
     from dalle2.recipes import clip, decoder, prior
 
     if stage == "clip":
-        return clip.fit_clip(cfg, Path(inputs["shard_dir"]), run)
+        return clip.fit_clip(section, data, Path(inputs["shard_dir"]), run)
     if stage == "prior":
-        return prior.fit_prior(cfg, Path(inputs["emb_dir"]), run)
+        return prior.fit_prior(section, data, Path(inputs["emb_dir"]), run)
     return decoder.fit_decoder_stage(
-        cfg, int(inputs["index"]), Path(inputs["shard_dir"]), Path(inputs["emb_dir"]), run
+        section,
+        int(inputs["index"]),
+        data,
+        Path(inputs["shard_dir"]),
+        Path(inputs["emb_dir"]),
+        run,
     )
 
 
@@ -71,6 +74,10 @@ def _pack(stage: Stage, model: torch.nn.Module, inputs: dict[str, Any]) -> Model
     if stage == "prior":
         return pack_prior(model)
     return pack_stage(model, int(inputs["index"]))
+
+
+def _checkpoint_dir(inputs: dict[str, Any]) -> Path | None:
+    return Path(inputs["checkpoint_dir"]) if inputs.get("checkpoint_dir") else None
 
 
 def torchrun_command(num_processes: int, job_dir: Path) -> list[str]:
@@ -103,24 +110,32 @@ def _forward_metrics(path: Path, done: int, callback: MetricsCallback | None) ->
 
 def train_stage(
     stage: Stage,
-    cfg: UnclipConfig,
+    section: Section,
+    data: DataConfig,
     inputs: dict[str, Any],
     *,
     device: torch.device,
     callback: MetricsCallback | None = None,
     progress: bool = True,
 ) -> tuple[ModelArtifact, TrainResult]:
-    """Train one stage on its configured number of processes; returns the packed EMA model."""
-    n = train_config(cfg, stage, inputs).num_processes
+    """Train one stage on its configured number of processes; returns the packed EMA model.
+
+    `inputs` holds the stage's data paths (shard_dir, emb_dir), the decoder stage's index
+    and, to resume and checkpoint, a checkpoint_dir that every process can reach.
+    """
+    n = section.train.num_processes
     if n == 1:
-        model, result = _fit(stage, cfg, inputs, Run(device, None, callback, progress))
+        run = Run(device, None, callback, progress, _checkpoint_dir(inputs))
+        model, result = _fit(stage, section, data, inputs, run)
         return _pack(stage, model, inputs), result
     root = os.environ.get("DALLE2_JOB_ROOT")
     with tempfile.TemporaryDirectory(prefix=f"dalle2-{stage}-", dir=root) as tmp:
         job = Path(tmp)
         spec = {
             "stage": stage,
-            "config": cfg.model_dump(mode="json"),
+            "section": section.model_dump(mode="json"),
+            "data": data.model_dump(mode="json"),
+            "device": device.type,
             "inputs": inputs,
             "progress": progress,
         }
@@ -129,9 +144,14 @@ def train_stage(
         logger.info("training %s on %d processes: %s", stage, n, shlex.join(command))
         proc = subprocess.Popen(command)
         seen = 0
-        while proc.poll() is None:
-            seen = _forward_metrics(job / "metrics.jsonl", seen, callback)
-            time.sleep(0.5)
+        try:
+            while proc.poll() is None:
+                seen = _forward_metrics(job / "metrics.jsonl", seen, callback)
+                time.sleep(0.5)
+        except BaseException:  # SIGTERM/Ctrl-C here: torchrun passes it on, workers checkpoint
+            proc.terminate()
+            proc.wait()
+            raise
         _forward_metrics(job / "metrics.jsonl", seen, callback)
         if proc.returncode != 0 or not (job / "result.json").is_file():
             raise LaunchError(
@@ -153,11 +173,12 @@ def worker(job_dir: Path) -> None:
 
     spec = json.loads((job_dir / "job.json").read_text())
     stage, inputs = spec["stage"], spec["inputs"]
-    cfg = parse_config(spec["config"])
-    device = pick_device(cfg.device)
-    train = train_config(cfg, stage, inputs)
+    section = SECTIONS[stage].model_validate(spec["section"])
+    data = DataConfig.model_validate(spec["data"])
+    device = pick_device(spec["device"])
     acc = Accelerator(
-        cpu=device.type == "cpu", mixed_precision=_mixed_precision(device, train.precision)
+        cpu=device.type == "cpu",
+        mixed_precision=_mixed_precision(device, section.train.precision),
     )
     callback = None
     if acc.is_main_process:
@@ -167,7 +188,8 @@ def worker(job_dir: Path) -> None:
             metrics_file.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
             metrics_file.flush()
 
-    model, result = _fit(stage, cfg, inputs, Run(acc.device, acc, callback, spec["progress"]))
+    run = Run(acc.device, acc, callback, spec["progress"], _checkpoint_dir(inputs))
+    model, result = _fit(stage, section, data, inputs, run)
     if acc.is_main_process:
         metrics_file.close()
         _pack(stage, model, inputs).to_dir(job_dir / "model")

@@ -6,6 +6,7 @@ a materializer), what MLflow keeps, and what `dalle2 generate` loads back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -55,6 +56,14 @@ class ModelArtifact:
     @property
     def config(self) -> dict:
         return json.loads(self.files["config.json"])
+
+    def content_id(self) -> str:
+        """sha256 over the kind and every file: equal weights and config, equal id (ZenML's
+        cache keys and the embeddings' folder name use it)."""
+        h = hashlib.sha256(self.kind.encode())
+        for name in sorted(self.files):
+            h.update(b"\0" + name.encode() + b"\0" + self.files[name])
+        return h.hexdigest()
 
 
 def _weights(module: nn.Module) -> bytes:

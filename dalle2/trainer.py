@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -51,7 +54,13 @@ class TrainResult:
     seconds: float
     samples_per_s: float
     final_loss: float  # loss of the last optimizer step (mean over its micro-batches)
-    stopped_early: bool  # the target step was not reached (time cap or batches ran out)
+    stopped_early: bool  # the target step was not reached (time cap, batches ran out, signal)
+    resumed_from: int = 0  # the step this call started from (a resumed checkpoint's)
+
+    @property
+    def final_step(self) -> int:
+        """The optimizer steps the model has taken in all, over resumed calls."""
+        return self.resumed_from + self.steps
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -122,6 +131,45 @@ def _batch_size(batch: Any, default: int) -> int:
     """Samples in a batch, read from its first tensor; only used for throughput numbers."""
     t = _first_tensor(batch)
     return int(t.shape[0]) if t is not None and t.ndim > 0 else default
+
+
+class TrainingInterruptedError(RuntimeError):
+    """SIGTERM stopped training after a checkpoint (raised where the signal did not end it)."""
+
+
+class _Preemption:
+    """SIGTERM while training: finish the step, checkpoint, then let the signal act as it
+    would have (ZenML's handler fails the step; without a handler the process ends).
+
+    Only the main thread can own a signal handler; elsewhere training ignores the signal.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> _Preemption:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def redeliver(self) -> None:
+        if self.signum is not None:
+            signal.raise_signal(self.signum)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (Trainer.checkpoint's layout), if any."""
+    done = sorted(p for p in Path(root).glob("step-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
 
 
 @dataclass
@@ -272,11 +320,22 @@ class Trainer:
         for e, b in zip(self._ema_buffers, self._model_buffers, strict=True):
             e.copy_(b)
 
-    def _check(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float]:
-        """One host sync per step: fetch loss and grad norm, refuse to step on NaN/inf."""
+    def _check(
+        self, loss: torch.Tensor, norm: torch.Tensor, stop: bool
+    ) -> tuple[float, float, bool]:
+        """One host sync per step: fetch loss and grad norm, refuse to step on NaN/inf.
+
+        `stop` (this process got SIGTERM) travels in the loss's all-reduce, so every process
+        stops after the same step and they checkpoint together.
+        """
+        flag = torch.tensor(float(stop), device=loss.device)
         if self._world > 1:
-            loss = self.accelerator.reduce(loss, reduction="mean")
-        loss_val, norm_val = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
+            loss, flag = self.accelerator.reduce(
+                torch.stack([loss.float(), flag]), reduction="mean"
+            ).unbind()
+        loss_val, norm_val, flag_val = torch.stack(
+            [loss.float(), norm.float().to(loss.device), flag]
+        ).tolist()
         if not math.isfinite(loss_val):
             raise FloatingPointError(
                 f"loss became {loss_val} at step {self.step + 1}; lower the learning rate "
@@ -287,7 +346,7 @@ class Trainer:
                 f"gradient norm became {norm_val} at step {self.step + 1}; lower the "
                 "learning rate or use bf16/fp32 (weights were not updated)"
             )
-        return loss_val, norm_val
+        return loss_val, norm_val, flag_val > 0
 
     def _report(self, window: _Window, lr: float, bar: tqdm) -> None:
         now = time.perf_counter()
@@ -303,9 +362,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
 
-    def fit(self, batches: Iterable[Any], steps: int | None = None) -> TrainResult:
+    def fit(
+        self,
+        batches: Iterable[Any],
+        steps: int | None = None,
+        checkpoint_dir: Path | None = None,
+    ) -> TrainResult:
         """Train until self.step reaches `steps` (default cfg.steps), the batches run out,
-        or cfg.max_minutes pass.
+        cfg.max_minutes pass, or SIGTERM arrives.
+
+        With `checkpoint_dir`, a checkpoint is written there every cfg.checkpoint_every
+        steps, at the last step and on SIGTERM (see checkpoint); `resume` continues from it.
 
         Each optimizer step consumes cfg.grad_accum batches; a partial group left when the
         batches run out is discarded. The LR follows lr_at(self.step) whatever `steps` is,
@@ -323,6 +390,8 @@ class Trainer:
 
         self._net.train()
         self._opt.zero_grad(set_to_none=True)
+        preemption = _Preemption(checkpoint_dir is not None)
+        stop = False
         bar = tqdm(
             total=target,
             initial=min(self.step, target),
@@ -333,7 +402,7 @@ class Trainer:
             disable=not (self.progress and self._is_main),
             dynamic_ncols=True,
         )
-        try:
+        with preemption, contextlib.closing(bar):
             while self.step < target:
                 loss_sum = torch.zeros((), device=self.device)
                 samples, exhausted = 0, False
@@ -358,10 +427,16 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 norm = self._clip()
-                last_loss, norm_val = self._check(loss_sum / accum, norm)
+                last_loss, norm_val, stop = self._check(
+                    loss_sum / accum, norm, preemption.signum is not None
+                )
                 self._optimizer_step()
                 self._update_ema()
                 self.step += 1
+                if checkpoint_dir is not None and (
+                    stop or self.step % cfg.checkpoint_every == 0 or self.step == target
+                ):
+                    self.checkpoint(checkpoint_dir)
 
                 total_samples += samples
                 window.steps += 1
@@ -374,12 +449,16 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == target:
                     self._report(window, lr, bar)
                     window = _Window(t0=time.perf_counter())
-                if time_fraction >= 1.0:  # the clock cap (0 without one)
+                if stop or time_fraction >= 1.0:  # SIGTERM, or the clock cap (0 without one)
                     break
             if window.steps:  # stopped before a report was due
                 self._report(window, lr, bar)
-        finally:
-            bar.close()
+        if stop:
+            preemption.redeliver()
+            raise TrainingInterruptedError(
+                f"{self.desc} stopped by SIGTERM after step {self.step}; its checkpoint in "
+                f"{checkpoint_dir} resumes it"
+            )
 
         seconds = time.perf_counter() - start
         return TrainResult(
@@ -388,6 +467,7 @@ class Trainer:
             samples_per_s=total_samples * self._world / max(seconds, 1e-9),
             final_loss=last_loss,
             stopped_early=self.step < target,
+            resumed_from=first_step,
         )
 
     def _time_fraction(self, start: float) -> float:
@@ -458,6 +538,33 @@ class Trainer:
             )
             torch.manual_seed(self.cfg.seed + 1000 * self.step + self._rank)
         return dict(state.get("extra") or {})
+
+    def checkpoint(self, root: Path) -> Path:
+        """save() into `root/step-NNNNNNNNN`, atomically: written under a temporary name and
+        renamed, then older checkpoints are removed, so a kill at any moment leaves the last
+        complete one. Every process calls it (each writes its RNG state)."""
+        root = Path(root)
+        final = root / f"step-{self.step:09d}"
+        tmp = root / f".{final.name}.tmp"
+        if self._is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save that a kill interrupted
+        self.save(tmp)  # its barriers hold the other processes until the folder is ready
+        if self._is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in root.glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, root: Path) -> int:
+        """Load the newest checkpoint under `root`, if there is one; returns its step."""
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            self.load(latest)
+        return self.step
 
 
 _END = object()

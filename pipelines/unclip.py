@@ -3,6 +3,7 @@
 from typing import Any
 
 from zenml import pipeline
+from zenml.config import CachePolicy
 
 from dalle2.config import ConfigError, parse_config
 from steps import (
@@ -15,8 +16,12 @@ from steps import (
     train_prior,
 )
 
+# Each step's cache key: its own config section (parameters), its inputs' contents (data md5,
+# model hashes) and the source of the dalle2 package, which ZenML does not see by itself.
+CACHE = CachePolicy(cache_func="steps._shared.code_version")
 
-@pipeline(enable_cache=False)
+
+@pipeline(enable_cache=True, cache_policy=CACHE)
 def unclip_pipeline(config: dict[str, Any]) -> None:
     """download_images -> train_clip (or load_pretrained_clip) -> compute_clip_embeddings
     -> train_prior -> train_decoder_unet_{i} for each stage -> evaluate."""
@@ -25,15 +30,20 @@ def unclip_pipeline(config: dict[str, Any]) -> None:
     except ConfigError as err:
         # The user-facing edge: one sentence and exit code 1, not a traceback.
         raise SystemExit(f"error: {err}") from None
+    run = {"device": cfg.device, "progress": cfg.progress}
     dataset = download_images(config)
     if cfg.clip.pretrained_model is None:
-        clip = train_clip(config, dataset)
+        clip = train_clip(cfg.clip, cfg.data, dataset, **run)
     else:
-        clip = load_pretrained_clip(config, after="download_images")
-    embeddings = compute_clip_embeddings(config, dataset, clip)
-    prior = train_prior(config, embeddings)
+        clip = load_pretrained_clip(cfg.clip, after="download_images")
+    embeddings = compute_clip_embeddings(
+        dataset, clip, cfg.clip.embed_batch_size, cfg.prior.use_text_tokens, **run
+    )
+    prior = train_prior(cfg.prior, cfg.data, embeddings, **run)
     unets = [
-        train_decoder_unet(config, dataset, embeddings, stage=i, id=f"train_decoder_unet_{i}")
-        for i in range(len(cfg.decoder))
+        train_decoder_unet(
+            stage, i, cfg.data, dataset, embeddings, **run, id=f"train_decoder_unet_{i}"
+        )
+        for i, stage in enumerate(cfg.decoder)
     ]
     evaluate(config, dataset, embeddings, clip, prior, unets)

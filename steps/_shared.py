@@ -7,22 +7,34 @@ nothing is logged, so steps also run bare through `.entrypoint(...)` in tests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
+from pydantic import BaseModel
+from zenml.config.retry_config import StepRetryConfig
 
 from dalle2.config import UnclipConfig, parse_config
 from dalle2.device import pick_device
+from dalle2.launch import Section, Stage, train_stage
 from dalle2.models import ModelArtifact
-from dalle2.trainer import MetricsCallback, TrainResult
+from dalle2.trainer import MetricsCallback, latest_checkpoint
+from dalle2.versioning import find_project_root
 
 logger = logging.getLogger("dalle2")
+
+
+def latest_step(ckpt: Path) -> int:
+    latest = latest_checkpoint(ckpt)
+    return int(latest.name.removeprefix("step-")) if latest else 0
 
 
 def load(config: dict[str, Any]) -> tuple[UnclipConfig, torch.device]:
@@ -87,14 +99,70 @@ def git_commit(root: Path) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
-def log_training(name: str, result: TrainResult, seconds: float) -> None:
-    """A trained model's summary; `{name}/steps` records where a clock-capped run stopped,
-    so it can be reproduced with `train.steps` pinned to it."""
+# A failed training step is tried again by ZenML, and resumes from its last checkpoint.
+TRAIN_RETRY = StepRetryConfig(max_retries=2, delay=10, backoff=2)
+
+
+def code_version() -> str:
+    """A hash of the dalle2 and steps packages' source: ZenML's cache key sees only a step
+    function's own code, so without this a changed library would reuse models the old code
+    trained."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted([*(root / "dalle2").rglob("*.py"), *(root / "steps").rglob("*.py")]):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def checkpoint_dir(name: str, **determinants: Any) -> Path:
+    """Where a training step checkpoints: `checkpoints/{name}-{hash}` at the project root,
+    the hash taken over everything that determines the model (its config section, the data
+    settings, the device, the data md5, upstream model ids), so a rerun of the same step
+    finds its checkpoint and a changed config never resumes a stale one."""
+    plain = {
+        k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+        for k, v in determinants.items()
+    }
+    key = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    return find_project_root() / "checkpoints" / f"{name}-{key}"
+
+
+def train(
+    name: str,
+    stage: Stage,
+    section: Section,
+    data: Any,
+    inputs: dict[str, Any],
+    device: str,
+    progress: bool,
+    **upstream: Any,
+) -> ModelArtifact:
+    """Train one model as a step: resume its checkpoint if a crashed attempt left one, log
+    to MLflow, and drop the checkpoint once the model is kept (ZenML's cache has it then)."""
+    ckpt = checkpoint_dir(name, section=section, data=data, device=device, **upstream)
+    resumed = latest_step(ckpt)
+    if resumed:
+        logger.info("%s resumes from step %d (checkpoint %s)", name, resumed, ckpt)
+    t0 = time.perf_counter()
+    artifact, result = train_stage(
+        stage,
+        section,
+        data,
+        {**inputs, "checkpoint_dir": str(ckpt)},
+        device=pick_device(device),
+        callback=metrics_callback(name),
+        progress=progress,
+    )
     log_metrics(
         {
             f"{name}/final_loss": result.final_loss,
             f"{name}/samples_per_s": result.samples_per_s,
-            f"{name}/steps": result.steps,
-            f"time/train_{name}_s": seconds,
+            # where a clock-capped run stopped: pin train.steps to it to reproduce the run
+            f"{name}/steps": result.final_step,
+            f"{name}/resumed_from_step": result.resumed_from,
+            f"time/train_{name}_s": time.perf_counter() - t0,
         }
     )
+    log_model(artifact, name)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return artifact

@@ -1,45 +1,65 @@
 """Step 1: img2dataset downloads the URL list into shards; DVC versions them."""
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
+import mlflow
+import yaml
 from zenml import ArtifactConfig, log_metadata, step
 
 from dalle2.data import DatasetRef
-from dalle2.download import download_dataset, matches_source, read_stats
-from dalle2.versioning import add_and_push, find_project_root, is_in_sync, pointer_md5
-from steps._shared import git_commit, load, log_metrics, log_params, logger, set_tags
+from dalle2.download import prepare_dataset
+from dalle2.versioning import find_project_root, pointer_md5, repo_lock
+from steps._shared import git_commit, load, log_metrics, log_params, logger, set_tags, tracking
 
 
 @step(enable_cache=False)
 def download_images(
     config: dict[str, Any],
 ) -> Annotated[DatasetRef, ArtifactConfig(name="dataset")]:
-    """Download (or, when data/ already matches data.dvc, reuse) the image-caption shards."""
+    """Download (or reuse) this source's shards, and record the run's config and data snapshot.
+
+    Never cached: it is cheap when the data is there, and the md5 it hands on is what tells
+    the later steps' caches whether the data changed. It gets the whole config so that the
+    MLflow run records it (params, and config.yaml + the data pointer to reproduce the run).
+    """
     cfg, _ = load(config)
     t0 = time.perf_counter()
     root = find_project_root()
-    data_dir = root / cfg.data.data_dir
-    skipped = is_in_sync(root, cfg.data.data_dir) and matches_source(data_dir, cfg.data)
-    if skipped:
-        logger.info("%s matches %s.dvc: download skipped", data_dir, cfg.data.data_dir)
-        stats = read_stats(data_dir)
-        md5 = pointer_md5(root, cfg.data.data_dir)
-    else:
-        stats = download_dataset(cfg.data, data_dir, root / ".cache", progress=cfg.progress)
-        md5 = add_and_push(root, cfg.data.data_dir, push=cfg.data.dvc_push)
-    assert md5 is not None
+    ds = prepare_dataset(cfg.data, root, progress=cfg.progress)
+    stats = ds.stats
     failed = stats.count - stats.successes
     logger.info(
-        "dataset %s: %d of %d images (%d failed: %s)",
-        md5,
+        "dataset %s at %s: %d of %d images (%d failed: %s)",
+        ds.md5,
+        ds.path,
         stats.successes,
         stats.count,
         failed,
         stats.reasons or "none",
     )
+    pointer = root / f"{cfg.data.data_dir}.dvc"
+    with repo_lock(root):  # a run beside this one may add its own dataset meanwhile
+        pointer_text = pointer.read_bytes()
+        snapshot = pointer_md5(root, cfg.data.data_dir) or ds.snapshot_md5
     log_params(cfg)
-    set_tags({"data_md5": md5, "git_commit": git_commit(root), "download_skipped": str(skipped)})
+    set_tags(
+        {
+            "data_md5": ds.md5,
+            "data_snapshot_md5": snapshot,
+            "git_commit": git_commit(root),
+            "download_skipped": str(ds.skipped),
+        }
+    )
+    if tracking():  # what `dalle2 reproduce RUN_ID` reads back
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(
+                yaml.safe_dump({"parameters": {"config": cfg.model_dump(mode="json")}})
+            )
+            (Path(tmp) / pointer.name).write_bytes(pointer_text)
+            mlflow.log_artifacts(tmp, artifact_path="run")
     log_metrics(
         {
             "data/count": stats.count,
@@ -51,17 +71,12 @@ def download_images(
     )
     log_metadata(
         metadata={
-            "data_md5": md5,
+            "data_md5": ds.md5,
+            "data_snapshot_md5": snapshot,
             "num_samples": stats.successes,
             "failed": failed,
             "failure_reasons": stats.reasons,
-            "download_skipped": skipped,
+            "download_skipped": ds.skipped,
         }
     )
-    return DatasetRef(
-        path=str(data_dir),
-        md5=md5,
-        num_samples=stats.successes,
-        num_failed=failed,
-        skipped_download=skipped,
-    )
+    return DatasetRef(path=str(ds.path), md5=ds.md5, num_samples=stats.successes, num_failed=failed)

@@ -18,7 +18,7 @@ from dalle2.recipes.evaluate import holdout_pairs
 from steps._shared import load, log_metrics, logger, tracking
 
 
-@step(enable_cache=False)
+@step
 def evaluate(
     config: dict[str, Any],
     dataset: DatasetRef,
@@ -27,6 +27,7 @@ def evaluate(
     prior: ModelArtifact,
     decoder_unets: list[ModelArtifact],
 ) -> Annotated[dict[str, float], ArtifactConfig(name="metrics")]:
+    """Gets the whole config: sampling settings of every model are read here."""
     cfg, device = load(config)
     t0 = time.perf_counter()
     if cfg.data.holdout_fraction == 0:

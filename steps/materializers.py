@@ -36,6 +36,11 @@ class ModelArtifactMaterializer(BaseMaterializer):
             with fileio.open(os.path.join(self.uri, name), "wb") as f:
                 f.write(blob)
 
+    def compute_content_hash(self, data: ModelArtifact) -> str:
+        """Steps downstream of a model are cached on its content: a retrained model with
+        the same weights keeps their cache."""
+        return data.content_id()
+
     def extract_metadata(self, data: ModelArtifact) -> dict[str, Any]:
         size = sum(len(b) for b in data.files.values())
         return {"kind": data.kind, "bytes": size}

@@ -1,31 +1,31 @@
 """Step 4: the diffusion prior, text embedding -> image embedding."""
 
-import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from zenml import ArtifactConfig, step
 
+from dalle2.config import DataConfig, PriorConfig
 from dalle2.data import EmbeddingsRef
-from dalle2.launch import train_stage
 from dalle2.models import ModelArtifact
-from steps._shared import load, log_model, log_training, metrics_callback
+from steps._shared import TRAIN_RETRY, train
 
 
-@step(enable_cache=False)
+@step(retry=TRAIN_RETRY)
 def train_prior(
-    config: dict[str, Any], embeddings: EmbeddingsRef
+    prior: PriorConfig,
+    data: DataConfig,
+    embeddings: EmbeddingsRef,
+    device: str = "auto",
+    progress: bool = True,
 ) -> Annotated[ModelArtifact, ArtifactConfig(name="prior")]:
     """Reads embedding shards only: the prior never needs an image."""
-    cfg, device = load(config)
-    t0 = time.perf_counter()
-    artifact, result = train_stage(
+    return train(
         "prior",
-        cfg,
+        "prior",
+        prior,
+        data,
         {"emb_dir": embeddings.path},
-        device=device,
-        callback=metrics_callback("prior"),
-        progress=cfg.progress,
+        device,
+        progress,
+        embeddings=embeddings.model_dump(mode="json", exclude={"path"}),
     )
-    log_training("prior", result, time.perf_counter() - t0)
-    log_model(artifact, "prior")
-    return artifact

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 _STATE = Path(tempfile.mkdtemp(prefix="dalle2-tests-"))
 os.environ.update(
@@ -71,3 +74,16 @@ def write_shard_set(
             emb_dir, f"{s:05d}", keys, caps, {"image_embed": rows, "text_embed": rows}
         )
     return shard_dir, emb_dir
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path) -> Path:
+    """A DVC project (no git) at tmp_path/proj with a local default remote at tmp_path/remote."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    remote = ("remote", "add", "-q", "-d", "local", str(tmp_path / "remote"))
+    for args in (("init", "-q", "--no-scm"), remote):
+        subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True
+        )
+    return root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 from collections import Counter
 
@@ -167,3 +168,34 @@ def test_embedding_step_resumes_shard_by_shard(tmp_path):
     assert (out / "00001.npz").read_bytes() == first
     assert all(D.embedding_shard_ok(t, out, with_tokens=False) for t in D.shard_paths(shard_dir))
     assert not D.embedding_shard_ok(shard_dir / "00000.tar", out, with_tokens=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("unique_captions", [False, True])
+def test_a_stream_started_at_batch_n_continues_the_uninterrupted_stream(
+    tmp_path, workers, unique_captions
+):
+    shard_dir, emb_dir = write_shard_set(tmp_path, 5, 23, captions=40)
+
+    def flip(batch, rng):  # augmentation drawn from the stream's per-batch generator
+        batch["noise"] = torch.rand(len(batch["key"]), generator=rng)
+        return batch
+
+    def batches(start: int, n: int) -> list[tuple[list[str], list[float]]]:
+        stream = D.ShardStream(
+            shard_dir,
+            emb_dir,
+            batch_size=6,
+            holdout_fraction=0.1,
+            shuffle_buffer=30,
+            seed=3,
+            unique_captions=unique_captions,
+            transform=flip,
+        )
+        stream.start_at(start)
+        it = iter(D.loader(stream, workers))
+        return [(b["key"], b["noise"].tolist()) for b in itertools.islice(it, n)]
+
+    straight = batches(0, 50)  # about 17 batches an epoch: crosses epochs 0 -> 2
+    for start in (1, 7, 20, 41):  # within epoch 0, then past whole epochs skipped by counting
+        assert batches(start, 50 - start) == straight[start:], start

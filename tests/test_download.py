@@ -1,13 +1,23 @@
-"""img2dataset against a loopback HTTP server; DVC add/push/status in a temp repo."""
+"""img2dataset against a loopback HTTP server; DVC add/push/status in a temp repo.
+
+Runs side by side (subprocesses) are in test_side_by_side.py.
+"""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
 import json
+import logging
+import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
@@ -22,20 +32,29 @@ from PIL import Image
 from dalle2 import download
 from dalle2.config import DataConfig
 from dalle2.download import (
+    DOWNLOADS_DIR,
     PARTIAL_SOURCE_FILE,
+    SOURCE_FILE,
     DownloadError,
+    dataset_key,
     download_dataset,
     matches_source,
+    prepare_dataset,
     read_stats,
     read_url_list,
     serve_directory,
+    source_fingerprint,
 )
 from dalle2.versioning import (
+    LOCK_DIR,
     VersioningError,
     add_and_push,
+    dataset_md5,
+    file_lock,
     find_project_root,
     is_in_sync,
     pointer_md5,
+    snapshot_files,
 )
 
 
@@ -161,7 +180,7 @@ def test_all_rows_refused_stops_with_one_sentence_without_img2dataset(
     ) as err:
         download_dataset(cfg, tmp_path / "data", tmp_path / "cache", progress=False)
     assert "\n" not in str(err.value)
-    assert not (tmp_path / "data").exists() and not (tmp_path / "data.partial").exists()
+    assert not (tmp_path / "data").exists()  # the unfinished download is deleted
 
 
 class _CrashError(Exception):
@@ -169,10 +188,11 @@ class _CrashError(Exception):
 
 
 def test_rerun_after_crash_fetches_only_unfinished_shards(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dvc_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = DataConfig(num_synthetic=30, shard_size=10, processes=1, threads=4, timeout_s=5)
-    data, partial = tmp_path / "data", tmp_path / "data.partial"
+    key = dataset_key(cfg)
+    data, partial = dvc_project / "data" / key, dvc_project / DOWNLOADS_DIR / f"{key}.partial"
     real_run = download.run_img2dataset
 
     def run_then_crash(*args: object, **kwargs: object) -> None:
@@ -181,9 +201,9 @@ def test_rerun_after_crash_fetches_only_unfinished_shards(
 
     monkeypatch.setattr(download, "run_img2dataset", run_then_crash)
     with pytest.raises(_CrashError):
-        download_dataset(cfg, data, tmp_path / "cache", progress=False)
+        prepare_dataset(cfg, dvc_project, progress=False)
     monkeypatch.setattr(download, "run_img2dataset", real_run)
-    assert not data.exists()
+    assert not (dvc_project / "data").exists()  # a half download never lies in data/
     tars = [partial / f"0000{i}.tar" for i in range(3)]
     before = [_read_samples([t]) for t in tars]
     assert [len(b) for b in before] == [10, 10, 10]
@@ -202,8 +222,10 @@ def test_rerun_after_crash_fetches_only_unfinished_shards(
         serve(handler)
 
     monkeypatch.setattr(download._QuietHandler, "do_GET", counting_get)
-    stats = download_dataset(cfg, data, tmp_path / "cache", progress=False)
+    prepared = prepare_dataset(cfg, dvc_project, progress=False)
 
+    assert prepared.path == data and not prepared.skipped
+    stats = prepared.stats
     assert (stats.count, stats.successes) == (30, 30)
     after = [_read_samples([data / t.name]) for t in tars]
     assert (data / "00000.tar").read_bytes() == shard0  # kept, not fetched again
@@ -215,22 +237,25 @@ def test_rerun_after_crash_fetches_only_unfinished_shards(
     assert len(fetched) == 20
     assert not partial.exists() and not (data / PARTIAL_SOURCE_FILE).exists()
     assert matches_source(data, cfg) and read_stats(data) == stats
+    assert is_in_sync(dvc_project, "data") and prepared.snapshot_md5 == pointer_md5(
+        dvc_project, "data"
+    )
 
 
 def test_partial_from_another_source_is_discarded(tmp_path: Path) -> None:
-    partial = tmp_path / "data.partial"
-    partial.mkdir()
-    (partial / PARTIAL_SOURCE_FILE).write_text(json.dumps({"url_list": "another"}))
-    (partial / "00000.tar").write_bytes(b"")
-    (partial / "00000_stats.json").write_text(json.dumps({"count": 99, "successes": 99}))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / PARTIAL_SOURCE_FILE).write_text(json.dumps({"url_list": "another"}))
+    (work / "00000.tar").write_bytes(b"")
+    (work / "00000_stats.json").write_text(json.dumps({"count": 99, "successes": 99}))
     site = _site(tmp_path)
     with serve_directory(site) as base:
         urls = pd.DataFrame({"url": [f"{base}/{i}.png" for i in range(3)], "caption": "x"})
         urls.to_parquet(tmp_path / "urls.parquet")
         cfg = DataConfig(url_list=str(tmp_path / "urls.parquet"), processes=1, threads=2)
-        stats = download_dataset(cfg, tmp_path / "data", tmp_path / "cache", progress=False)
+        stats = download_dataset(cfg, work, tmp_path / "cache", progress=False)
     assert (stats.count, stats.successes) == (3, 3)
-    assert len(_read_samples([tmp_path / "data" / "00000.tar"])) == 3
+    assert len(_read_samples([work / "00000.tar"])) == 3
 
 
 def test_pyspark_distributor_needs_pyspark(tmp_path: Path) -> None:
@@ -244,15 +269,17 @@ def test_pyspark_distributor_needs_pyspark(tmp_path: Path) -> None:
 
 
 def test_low_success_ratio_stops_with_one_sentence_and_keeps_old_data(tmp_path: Path) -> None:
-    old = tmp_path / "data"
-    old.mkdir()
+    old = tmp_path / "data" / "another-source"
+    old.mkdir(parents=True)
     (old / "keep.txt").write_text("previous download")
     urls = pd.DataFrame({"url": ["http://127.0.0.1:1/a.png"] * 4, "caption": ["x"] * 4})
     urls.to_parquet(tmp_path / "urls.parquet")
     cfg = DataConfig(url_list=str(tmp_path / "urls.parquet"), processes=1, threads=2, timeout_s=2)
     with pytest.raises(DownloadError, match=r"only 0 of 4 images downloaded.*refused"):
-        download_dataset(cfg, old, tmp_path / "cache", progress=False)
+        prepare_dataset(cfg, tmp_path, progress=False)  # fails before DVC is needed
     assert (old / "keep.txt").read_text() == "previous download"
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["another-source"]
+    assert not any((tmp_path / DOWNLOADS_DIR).iterdir())
 
 
 @pytest.mark.parametrize(
@@ -293,8 +320,6 @@ def test_dvc_versioning_round_trip(tmp_path: Path) -> None:
     (root / "data" / "a.txt").write_text("changed")
     assert not is_in_sync(root, "data")
     # the snapshot comes back from the remote after the local copy and cache are gone
-    import shutil
-
     shutil.rmtree(root / "data")
     shutil.rmtree(root / ".dvc" / "cache")
     _dvc(root, "pull", "-q")
@@ -306,6 +331,171 @@ def test_a_url_list_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:1/a.png,a\n")
     cfg = DataConfig(url_list=str(tmp_path / "data" / "urls.csv"))
-    with pytest.raises(DownloadError, match=r"lies inside .* keep the URL list outside"):
-        download_dataset(cfg, tmp_path / "data", tmp_path / "cache", progress=False)
+    with pytest.raises(DownloadError, match=r"lies inside .* keep the URL list outside") as err:
+        prepare_dataset(cfg, tmp_path, progress=False)
+    assert "\n" not in str(err.value)
     assert (tmp_path / "data" / "urls.csv").is_file()
+
+
+def test_dataset_key_follows_what_decides_the_downloaded_bytes(tmp_path: Path) -> None:
+    base = DataConfig(num_synthetic=216)
+    key = dataset_key(base)
+    assert re.fullmatch(r"shapes64-216-[0-9a-f]{12}", key)
+    how_it_runs = {"processes": 7, "threads": 3, "timeout_s": 1, "min_success_ratio": 0.1}
+    assert dataset_key(base.model_copy(update={**how_it_runs, "dvc_push": False})) == key
+    what_it_gets = [
+        {"num_synthetic": 300},
+        {"synthetic_seed": 1},
+        {"image_size": 32},
+        {"resize_mode": "border"},
+        {"encode_format": "jpg"},
+        {"shard_size": 10},
+    ]
+    keys = {dataset_key(base.model_copy(update=u)) for u in what_it_gets}
+    assert len(keys) == len(what_it_gets) and key not in keys
+
+    urls = tmp_path / "my urls (v2).csv"
+    urls.write_text("url,caption\nhttp://x/a.png,a\n")
+    listed = DataConfig(url_list=str(urls))
+    key = dataset_key(listed)
+    assert re.fullmatch(r"my_urls_v2-[0-9a-f]{12}", key)
+    what_it_gets = [{"url_col": "u"}, {"caption_col": "c"}, {"allowed_url_schemes": ("https",)}]
+    keys = {dataset_key(listed.model_copy(update=u)) for u in what_it_gets}
+    urls.write_text("url,caption\nhttp://x/b.png,b\n")
+    keys.add(dataset_key(listed))
+    assert len(keys) == len(what_it_gets) + 1 and key not in keys
+
+
+def test_dataset_md5_names_one_folder_whatever_else_data_holds(dvc_project: Path) -> None:
+    data = dvc_project / "data"
+    files = {"a/x": "1", "a/sub/y": "2", "a2/x": "1", "a2/sub/y": "2", "ab/x": "1"}
+    for rel, text in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(text)
+    add_and_push(dvc_project, "data", push=False)
+    snapshot = snapshot_files(dvc_project, "data")
+    assert snapshot is not None and set(snapshot) == set(files)
+    a = dataset_md5(snapshot, "a")
+    assert a is not None and dataset_md5(snapshot, "missing") is None
+    assert dataset_md5(snapshot, "a2") == a  # the same bytes, whichever folder holds them
+    assert dataset_md5(snapshot, "ab") != a  # "a/" is a folder prefix, not a string prefix
+
+    (data / "b").mkdir()
+    (data / "b" / "z").write_text("another source")
+    add_and_push(dvc_project, "data", push=False)
+    grown = snapshot_files(dvc_project, "data")
+    assert grown is not None and "b/z" in grown and dataset_md5(grown, "a") == a
+    (data / "a" / "x").write_text("edited")
+    add_and_push(dvc_project, "data", push=False)
+    edited = snapshot_files(dvc_project, "data")
+    assert edited is not None and dataset_md5(edited, "a") != a
+
+
+def _fake_download(folder: Path, cfg: DataConfig, n: int) -> None:
+    """What matches_source takes for a finished download of `cfg`: a shard, stats, source."""
+    folder.mkdir(parents=True)
+    (folder / "00000.tar").write_bytes(b"shard")
+    (folder / "00000_stats.json").write_text(json.dumps({"count": n, "successes": n}))
+    (folder / SOURCE_FILE).write_text(json.dumps(source_fingerprint(cfg)))
+
+
+def test_a_reused_dataset_is_versioned_as_it_now_is(
+    dvc_project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = DataConfig(num_synthetic=5, dvc_push=False)  # pushing is test_side_by_side's
+    folder = dvc_project / "data" / dataset_key(cfg)
+    _fake_download(folder, cfg, 5)
+    first = prepare_dataset(cfg, dvc_project, progress=False)  # no data.dvc yet: added
+    assert first.skipped and first.path == folder and first.stats.successes == 5
+    assert first.snapshot_md5 == pointer_md5(dvc_project, "data")
+
+    def no_add(*args: object, **kwargs: object) -> str:
+        raise AssertionError("data/ matches data.dvc: no new snapshot")
+
+    with monkeypatch.context() as m:
+        m.setattr(download, "add_and_push", no_add)
+        again = prepare_dataset(cfg, dvc_project, progress=False)
+    assert (again.md5, again.snapshot_md5, again.skipped) == (first.md5, first.snapshot_md5, True)
+
+    other = dvc_project / "data" / "another-source"
+    other.mkdir()
+    (other / "00000.tar").write_bytes(b"theirs")
+    with caplog.at_level(logging.WARNING, logger="dalle2"):
+        grown = prepare_dataset(cfg, dvc_project, progress=False)
+    assert grown.md5 == first.md5 and grown.snapshot_md5 != first.snapshot_md5
+    assert not caplog.records
+
+    (folder / "00000.tar").write_bytes(b"edited by hand")
+    with caplog.at_level(logging.WARNING, logger="dalle2"):
+        edited = prepare_dataset(cfg, dvc_project, progress=False)
+    assert edited.skipped and edited.md5 != first.md5
+    assert edited.snapshot_md5 not in {first.snapshot_md5, grown.snapshot_md5}
+    assert "differs from its last snapshot" in caplog.text
+    assert is_in_sync(dvc_project, "data")
+
+
+def test_install_across_filesystems_never_shows_a_half_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, out = tmp_path / "downloads" / "k.partial", tmp_path / "data" / "k"
+    work.mkdir(parents=True)
+    (work / "00000.tar").write_bytes(b"shard")
+    real_rename = os.rename
+
+    def rename(src: Path, dst: Path) -> None:
+        if Path(src) == work:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(download.os, "rename", rename)
+    download._install(work, out)
+    assert (out / "00000.tar").read_bytes() == b"shard"
+    assert not work.exists() and [p.name for p in out.parent.iterdir()] == ["k"]
+
+
+def test_unfinished_downloads_of_other_sources_go_unless_a_run_holds_them(
+    tmp_path: Path,
+) -> None:
+    downloads = tmp_path / DOWNLOADS_DIR
+    for key in ("mine", "crashed", "running"):
+        (downloads / f"{key}.partial").mkdir(parents=True)
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with file_lock(tmp_path / LOCK_DIR / "download-running.lock", "test"):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    held.wait()
+    try:
+        download._drop_abandoned(tmp_path, keep="mine")
+    finally:
+        release.set()
+        thread.join()
+    assert sorted(p.name for p in downloads.iterdir()) == ["mine.partial", "running.partial"]
+
+
+def test_file_lock_is_reentrant_and_makes_others_wait(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, order = tmp_path / "locks" / "x.lock", []
+
+    def other_run() -> None:
+        with file_lock(path, "another run is testing"):
+            order.append("other")
+
+    with caplog.at_level(logging.INFO, logger="dalle2"), file_lock(path, "test"):
+        with file_lock(path, "test") as again:  # a second flock here would wait on itself
+            assert again
+        thread = threading.Thread(target=other_run)
+        thread.start()
+        for _ in range(500):
+            if "waiting for" in caplog.text:
+                break
+            time.sleep(0.01)
+        order.append("main")
+    thread.join()
+    assert order == ["main", "other"]
+    assert f"waiting for {path} (another run is testing)" in caplog.text

@@ -29,9 +29,11 @@ def _tiny_decoder(num_processes: int) -> dict:
 def _train(tmp_path, num_processes: int) -> tuple[list[tuple[int, float]], object]:
     shard_dir, emb_dir = write_shard_set(tmp_path / str(num_processes), 8, 24, size=16)
     logged: list[tuple[int, float]] = []
+    cfg = parse_config(_tiny_decoder(num_processes))
     artifact, result = train_stage(
         "decoder",
-        parse_config(_tiny_decoder(num_processes)),
+        cfg.decoder[0],
+        cfg.data,
         {"shard_dir": str(shard_dir), "emb_dir": str(emb_dir), "index": 0},
         device=torch.device("cpu"),
         callback=lambda step, m: logged.append((step, m["loss"])),

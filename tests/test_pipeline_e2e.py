@@ -3,9 +3,11 @@ server over REST, used by `dalle2 generate`, then reproduced from its DVC snapsh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -167,13 +170,13 @@ def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) 
     assert (metrics["clip/steps"], metrics["prior/steps"], metrics["decoder_unet_0/steps"]) == (
         10,
         10,
-        6,
+        120,
     ), "each model records the steps it trained"
     assert 0.0 <= metrics["fidelity_all"] <= 1.0
     assert params["data.num_synthetic"] == "216"
     assert params["decoder.1.lowres_size"] == "16"
     md5 = (first_run / "data.dvc").read_text().split("md5: ")[1].split()[0]
-    assert tags["data_md5"] == md5
+    assert tags["data_snapshot_md5"] == md5  # `dvc pull` of this pointer restores the data
     run_id = r["info"]["run_id"]
     models = rest(mlflow_server, f"artifacts/list?run_id={run_id}&path=models")["files"]
     names = {f["path"] for f in models}
@@ -242,3 +245,59 @@ def test_bad_config_fails_before_any_step(project: Path) -> None:
     )
     assert proc.returncode != 0
     assert "data.num_synthtic" in proc.stdout + proc.stderr
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
+    first_run: Path, mlflow_server: str
+) -> None:
+    """SIGKILL to the whole process group mid-way through train_decoder_unet_0, then the same
+    command again: the earlier steps come from ZenML's cache, the unet continues from its
+    last checkpoint and ends with the weights the uninterrupted first run trained."""
+    config = yaml.safe_load((first_run / "tiny.yaml").read_text())
+    config["steps"]["train_decoder_unet_0"]["enable_cache"] = False  # train it again
+    (first_run / "kill.yaml").write_text(yaml.safe_dump(config))
+    command = [str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "kill.yaml"]
+    env = {**os.environ, "ZENML_REPOSITORY_PATH": str(first_run)}
+    proc = subprocess.Popen(
+        command,
+        cwd=first_run,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, loader workers included
+    )
+    ckpts = first_run / "checkpoints"
+    deadline = time.time() + 300
+    killed_after = 0
+    while time.time() < deadline and proc.poll() is None:
+        done = sorted(ckpts.glob("decoder_unet_0-*/step-*"))
+        if done and int(done[-1].name.removeprefix("step-")) >= 30:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_after = int(done[-1].name.removeprefix("step-"))
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_after, "the run ended before it could be killed mid-way"
+    assert killed_after < 120
+
+    run(command, first_run)
+    rerun = runs_of(mlflow_server)[-1]
+    metrics = {m["key"]: m["value"] for m in rerun["data"]["metrics"]}
+    resumed = metrics["decoder_unet_0/resumed_from_step"]
+    assert killed_after <= resumed < 120, (killed_after, resumed)
+    assert metrics["decoder_unet_0/steps"] == 120
+    assert "clip/final_loss" not in metrics, "train_clip should have come from the cache"
+    assert not list(ckpts.glob("decoder_unet_0-*")), "a finished step removes its checkpoint"
+
+    first = runs_of(mlflow_server)[0]["info"]["run_id"]
+
+    def weights(run_id: str) -> dict[str, str]:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{first_run / 'mlruns.db'}")
+        local = Path(
+            client.download_artifacts(run_id, "models/decoder_unet_0", str(first_run / run_id))
+        )
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in local.iterdir()}
+
+    assert weights(rerun["info"]["run_id"]) == weights(first)

@@ -214,5 +214,5 @@ def test_preset_runs_end_to_end_with_pretrained_clip_and_text_tokens(real_run: P
     with np.load(shards[0]) as z:
         assert z["image_embed"].shape[1] == EMBED
         assert z["text_tokens"].shape[2] == TOKEN_WIDTH  # the pretrained CLIP's token width
-    with tarfile.open(next((real_run / "data").glob("*.tar"))) as tar:
+    with tarfile.open(next((real_run / "data").glob("*/*.tar"))) as tar:
         assert any(name.endswith(".jpg") for name in tar.getnames()), "the preset's JPEG shards"

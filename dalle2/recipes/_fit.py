@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,7 @@ class Run:
     accelerator: Accelerator | None = None
     callback: MetricsCallback | None = None
     progress: bool = True
+    checkpoint_dir: Path | None = None  # resume from here and checkpoint into it
 
     @property
     def rank(self) -> int:
@@ -77,7 +79,9 @@ def fit(
     """Train `model` on a stream; returns its EMA copy (what sampling uses) and the result.
 
     Call after seeding and building the model, so every process starts from the same weights;
-    each process then draws its own diffusion noise.
+    each process then draws its own diffusion noise. With run.checkpoint_dir, a checkpoint
+    found there is continued: weights, optimizer, RNG and the stream's position, so the
+    result is the one an uninterrupted run gives.
     """
     if run.world > 1:
         torch.manual_seed(train.seed + 1_000_003 * run.rank)
@@ -91,5 +95,8 @@ def fit(
         desc=desc,
         accelerator=run.accelerator,
     )
-    result = trainer.fit(D.loader(batches, data.loader_workers))
+    if run.checkpoint_dir is not None:
+        batches.start_at(trainer.resume(run.checkpoint_dir) * train.grad_accum)
+    loader = D.loader(batches, data.loader_workers, train.seed)
+    result = trainer.fit(loader, checkpoint_dir=run.checkpoint_dir)
     return trainer.ema.eval(), result

@@ -11,23 +11,24 @@ import torch.nn.functional as F
 
 from dalle2 import data as D
 from dalle2.clip import OpenClip, build_scratch_clip, load_pretrained_clip
-from dalle2.config import ClipConfig, UnclipConfig
+from dalle2.config import ClipConfig, DataConfig
 from dalle2.recipes._fit import Run, fit, seed_everything, stream
 from dalle2.trainer import TrainResult
 
 
-def _flip(batch: D.Batch) -> D.Batch:
+def _flip(batch: D.Batch, rng: torch.Generator) -> D.Batch:
     """Random horizontal flips only: colours, shapes and sizes are what captions describe."""
     images = batch["image"]
-    flip = torch.rand(images.shape[0]) < 0.5
+    flip = torch.rand(images.shape[0], generator=rng) < 0.5
     images[flip] = images[flip].flip(2)
     return batch
 
 
-def fit_clip(cfg: UnclipConfig, shard_dir: Path, run: Run) -> tuple[OpenClip, TrainResult]:
+def fit_clip(
+    c: ClipConfig, data: DataConfig, shard_dir: Path, run: Run
+) -> tuple[OpenClip, TrainResult]:
     """Train a small open_clip CLIP from scratch on the training pairs, with open_clip's loss
     (gathered over processes, so the contrastive batch is the global batch)."""
-    c = cfg.clip
     seed_everything(c.train.seed)
     clip = build_scratch_clip(c.tower, D.read_captions(shard_dir))
     loss_core = open_clip.ClipLoss(
@@ -37,7 +38,7 @@ def fit_clip(cfg: UnclipConfig, shard_dir: Path, run: Run) -> tuple[OpenClip, Tr
         shard_dir,
         None,
         c.train,
-        cfg.data,
+        data,
         run,
         unique_captions=c.unique_captions_per_batch,
         transform=_flip,
@@ -47,12 +48,12 @@ def fit_clip(cfg: UnclipConfig, shard_dir: Path, run: Run) -> tuple[OpenClip, Tr
         img, txt, scale = model(batch["image"], clip.tokenize(batch["caption"]))
         return loss_core(img.float(), txt.float(), scale.float())
 
-    ema, result = fit(clip, c.train, loss_fn, batches, cfg.data, run, "train_clip")
+    ema, result = fit(clip, c.train, loss_fn, batches, data, run, "train_clip")
     return ema, result
 
 
 @torch.no_grad()
-def retrieval_accuracy(clip: OpenClip, shard_dir: Path, cfg: UnclipConfig, n: int = 512) -> float:
+def retrieval_accuracy(clip: OpenClip, shard_dir: Path, data: DataConfig, n: int = 512) -> float:
     """Share of held-out images (pairs CLIP never trained on) whose closest caption, among
     the distinct captions of those pairs, is their own; NaN without held-out pairs."""
     held = D.take(
@@ -60,7 +61,7 @@ def retrieval_accuracy(clip: OpenClip, shard_dir: Path, cfg: UnclipConfig, n: in
             shard_dir,
             batch_size=256,
             split="holdout",
-            holdout_fraction=cfg.data.holdout_fraction,
+            holdout_fraction=data.holdout_fraction,
             shuffle_buffer=0,
             epochs=1,
             drop_last=False,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dalle2 import data as D
-from dalle2.config import UnclipConfig
+from dalle2.config import DataConfig, PriorConfig
 from dalle2.prior import DiffusionPrior
 from dalle2.recipes._fit import Run, fit, seed_everything, stream
 from dalle2.trainer import TrainResult
@@ -15,22 +15,23 @@ from dalle2.trainer import TrainResult
 FIELDS = ("text_embed", "image_embed", "text_tokens", "text_mask")
 
 
-def _as_float(batch: D.Batch) -> D.Batch:
+def _as_float(batch: D.Batch, _rng: torch.Generator) -> D.Batch:
     """Embeddings are stored as float16; train on float32."""
     return {k: (v.float() if k != "text_mask" else v) for k, v in batch.items() if k in FIELDS}
 
 
-def fit_prior(cfg: UnclipConfig, emb_dir: Path, run: Run) -> tuple[DiffusionPrior, TrainResult]:
+def fit_prior(
+    p: PriorConfig, data: DataConfig, emb_dir: Path, run: Run
+) -> tuple[DiffusionPrior, TrainResult]:
     """Train the prior on the training pairs' embeddings (no image is read)."""
-    p = cfg.prior
     seed_everything(p.train.seed)
     prior = DiffusionPrior(p)
     batches = stream(
-        None, emb_dir, p.train, cfg.data, run, text_tokens=p.use_text_tokens, transform=_as_float
+        None, emb_dir, p.train, data, run, text_tokens=p.use_text_tokens, transform=_as_float
     )
 
     def loss_fn(model: torch.nn.Module, b: D.Batch) -> torch.Tensor:
         return model(b["text_embed"], b["image_embed"], b.get("text_tokens"), b.get("text_mask"))
 
-    ema, result = fit(prior, p.train, loss_fn, batches, cfg.data, run, "train_prior")
+    ema, result = fit(prior, p.train, loss_fn, batches, data, run, "train_prior")
     return ema, result
