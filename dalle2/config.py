@@ -7,6 +7,7 @@ error, not a silently ignored setting.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,7 +171,7 @@ class DataConfig(_Strict):
 class ClipTowerConfig(_Strict):
     """A small open_clip CLIP, trained from scratch when no pretrained one is named."""
 
-    embed_dim: int = Field(256, ge=2)
+    embed_dim: int = Field(512, ge=2)  # CLIP ViT-B-32's, like the prior's and unets' defaults
     image_size: int = Field(64, ge=8)
     vision_width: int = Field(256, ge=8)
     # an int: a ViT of that depth; four ints: open_clip's ModifiedResNet (blocks per stage),
@@ -274,16 +275,41 @@ class UnclipConfig(_Strict):
                 raise ValueError(
                     f"stage of size {stage.image_size} expects lowres_size {prev.image_size}"
                 )
+        if self.clip.pretrained_model is None:  # a pretrained CLIP's sizes: check_files
+            check_widths(self, self.clip.tower.embed_dim, self.clip.tower.text_width, "clip.tower")
         return self
+
+
+def check_widths(cfg: UnclipConfig, embed_dim: int, token_width: int | None, where: str) -> None:
+    """The sizes that must agree with CLIP's, in one sentence naming the keys to change."""
+    if cfg.prior.net.embed_dim != embed_dim:
+        raise ValueError(
+            f"prior.net.embed_dim is {cfg.prior.net.embed_dim} but the CLIP embeds in "
+            f"{embed_dim} dimensions ({where}); set prior.net.embed_dim to {embed_dim}"
+        )
+    for i, stage in enumerate(cfg.decoder):
+        if stage.unet.image_embed_dim != embed_dim:
+            raise ValueError(
+                f"decoder.{i}.unet.image_embed_dim is {stage.unet.image_embed_dim} but the CLIP "
+                f"embeds in {embed_dim} dimensions ({where}); set it to {embed_dim}"
+            )
+    net = cfg.prior.net
+    if cfg.prior.use_text_tokens and token_width is not None and net.text_token_dim != token_width:
+        raise ValueError(
+            f"prior.use_text_tokens reads CLIP's text tokens, {token_width} wide ({where}), but "
+            f"prior.net.text_token_dim is {net.text_token_dim}; set it to {token_width}"
+        )
 
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling)"
     more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+    if not first["loc"]:  # a check across sections names its keys itself
+        return f"invalid config: {msg}{more}"
+    where = ".".join(str(p) for p in first["loc"])
     return f"invalid config at '{where}': {msg}{more}"
 
 
@@ -297,6 +323,94 @@ def parse_config(data: dict[str, Any] | UnclipConfig) -> UnclipConfig:
         raise ConfigError(_describe(err)) from None
 
 
+def _pretrained_widths(name: str) -> tuple[int, int | None] | None:
+    """(embedding size, text token width) of a pretrained open_clip model, read from its
+    config without weights; None when only loading it would tell (a hub model)."""
+    if name.startswith("local-dir:"):
+        folder = Path(name.removeprefix("local-dir:"))
+        meta = folder / "open_clip_config.json"
+        if not meta.is_file():
+            raise ConfigError(
+                f"clip.pretrained_model {name}: {meta} does not exist; point it at a folder "
+                "holding open_clip_config.json and the weights"
+            )
+        try:
+            model_cfg = json.loads(meta.read_text())["model_cfg"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{meta} is not an open_clip config (no model_cfg)") from None
+    else:
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None:
+            if ":" in name:  # hf-hub:... is only known once downloaded
+                return None
+            raise ConfigError(
+                f"clip.pretrained_model '{name}' is not an open_clip model name; "
+                "`open_clip.list_models()` lists them"
+            )
+    return int(model_cfg["embed_dim"]), (model_cfg.get("text_cfg") or {}).get("width")
+
+
+def _must_exist(path: str, key: str, what: str) -> None:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{key} {path} does not exist; {what}")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise ConfigError(f"{key} {path} cannot be read ({err.strerror})") from None
+
+
+def check_resources(cfg: UnclipConfig) -> None:
+    """What the config names outside itself, checked before any step: the files exist and
+    a pretrained CLIP's sizes agree with the prior's and unets' (ConfigError otherwise)."""
+    if cfg.data.url_list is not None:
+        _must_exist(cfg.data.url_list, "data.url_list", "point it at your URL list")
+    weights = cfg.clip.pretrained_weights
+    if weights and (Path(weights).suffix or "/" in weights or weights.startswith(".")):
+        _must_exist(weights, "clip.pretrained_weights", "point it at a local weight file")
+    if cfg.eval.inception_weights is not None:
+        _must_exist(
+            cfg.eval.inception_weights,
+            "eval.inception_weights",
+            "point it at torch-fidelity's InceptionV3 weights or remove it",
+        )
+    if cfg.clip.pretrained_model is not None:
+        widths = _pretrained_widths(cfg.clip.pretrained_model)
+        if widths is not None:
+            try:
+                check_widths(cfg, *widths, f"clip.pretrained_model {cfg.clip.pretrained_model}")
+            except ValueError as err:
+                raise ConfigError(f"invalid config: {err}") from None
+
+
+PIPELINE_STEPS = ("download_images", "compute_clip_embeddings", "train_prior", "evaluate")
+
+
+def check_run_steps(steps: dict[str, Any], cfg: UnclipConfig) -> None:
+    """A ZenML run config's `steps:` block names only steps of this pipeline (either CLIP
+    step, so one block serves a trained and a pretrained CLIP), and when it attaches the
+    tracker to some, every step that runs (else their metrics never reach MLflow)."""
+    unused_clip = "load_pretrained_clip" if cfg.clip.pretrained_model is None else "train_clip"
+    stages = [f"train_decoder_unet_{i}" for i in range(len(cfg.decoder))]
+    known = {*PIPELINE_STEPS, "train_clip", "load_pretrained_clip", *stages}
+    unknown = sorted(set(steps) - known)
+    if unknown:
+        raise ConfigError(
+            f"the steps: block names {unknown}, which this pipeline does not have (the config "
+            f"has {len(cfg.decoder)} decoder stages: {', '.join(stages)}); remove or rename them"
+        )
+    tracked = {k for k, v in steps.items() if isinstance(v, dict) and v.get("experiment_tracker")}
+    missing = [s for s in sorted(known - {unused_clip}) if s not in tracked]
+    if tracked and missing:
+        raise ConfigError(
+            f"the steps: block attaches the experiment tracker to some steps but not to "
+            f"{missing}; add them, or their metrics will not reach MLflow"
+        )
+
+
 def load_config(path: str | Path) -> UnclipConfig:
     """Read a ZenML run YAML (its `parameters.config`) or a bare config YAML."""
     path = Path(path)
@@ -306,8 +420,15 @@ def load_config(path: str | Path) -> UnclipConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML ({err})") from None
+    steps: Any = None
     if isinstance(raw, dict) and "parameters" in raw:
+        steps = raw.get("steps")
         raw = (raw.get("parameters") or {}).get("config", {})
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
-    return parse_config(raw)
+    cfg = parse_config(raw)
+    if steps is not None:
+        if not isinstance(steps, dict):
+            raise ConfigError(f"config file {path}: steps: must be a mapping of step names")
+        check_run_steps(steps, cfg)
+    return cfg

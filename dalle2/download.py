@@ -184,6 +184,20 @@ def refuse_schemes(
     return urls[~refused].reset_index(drop=True), reasons
 
 
+def refuse_empty_captions(urls: pd.DataFrame) -> tuple[pd.DataFrame, Counter[str]]:
+    """Drop rows without a caption (null, empty, blank): img2dataset would write "None" or
+    "" as the text, and the models would learn it as a caption. Counted as failures."""
+    captions = urls["caption"]
+    text = captions.where(captions.notna(), "").astype(str).str.strip()
+    empty = text == ""
+    reasons: Counter[str] = Counter(
+        {"empty or missing caption": int(empty.sum())} if empty.any() else {}
+    )
+    kept = urls[~empty].reset_index(drop=True)
+    kept["caption"] = text[~empty].to_numpy()
+    return kept, reasons
+
+
 def read_stats(out_dir: Path) -> DownloadStats:
     """Sum img2dataset's per-shard *_stats.json files and our refused_stats.json."""
     stats = DownloadStats()
@@ -268,6 +282,8 @@ def _fetch(
 ) -> Counter[str]:
     """Run img2dataset on the allowed rows of `urls`; returns the refused rows' reasons."""
     urls, refused = refuse_schemes(urls, cfg.allowed_url_schemes)
+    urls, no_caption = refuse_empty_captions(urls)
+    refused.update(no_caption)
     if not urls.empty:
         urls.to_parquet(list_path, index=False)
         run_img2dataset(list_path, out, cfg, progress)
@@ -321,9 +337,7 @@ def download_dataset(
             refused = _fetch(urls, list_path, work_dir, cfg, progress)
     else:
         df = read_url_list(Path(cfg.url_list), cfg.url_col, cfg.caption_col)
-        urls = pd.DataFrame(
-            {"url": df[cfg.url_col].astype(str), "caption": df[cfg.caption_col].astype(str)}
-        )
+        urls = pd.DataFrame({"url": df[cfg.url_col].astype(str), "caption": df[cfg.caption_col]})
         refused = _fetch(urls, list_path, work_dir, cfg, progress)
     marker.unlink()  # from here on the download is finished or deleted, never continued
     if refused:

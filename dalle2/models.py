@@ -11,8 +11,10 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
+import torch
+from pydantic import BaseModel, ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -23,14 +25,35 @@ from dalle2.decoder import DecoderStage
 from dalle2.prior import DiffusionPrior
 
 Kind = Literal["clip", "prior", "decoder_stage"]
+KINDS = ("clip", "prior", "decoder_stage")
+MANIFEST = "manifest.json"  # {"kind", "sha256": {file: digest}}, written with the files
+
+
+class ModelFileError(ValueError):
+    """A saved model is damaged, of another kind, or does not fit its own config."""
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 @dataclass
 class ModelArtifact:
-    """A model's files in memory: {filename: bytes}, plus which kind of model it is."""
+    """A model's files in memory: {filename: bytes}, plus which kind of model it is.
+
+    `where` names the files' origin in error messages (a folder, or an artifact).
+    """
 
     kind: Kind
     files: dict[str, bytes] = field(default_factory=dict)
+    where: str = field(default="a model artifact", compare=False)
+
+    @classmethod
+    def build(cls, kind: Kind, files: dict[str, bytes]) -> ModelArtifact:
+        """The files plus a manifest of their sha256, checked by every load (verify)."""
+        digests = {name: _sha256(blob) for name, blob in sorted(files.items())}
+        manifest = json.dumps({"kind": kind, "sha256": digests}, indent=1).encode()
+        return cls(kind, {**files, MANIFEST: manifest})
 
     def to_dir(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)
@@ -45,17 +68,56 @@ class ModelArtifact:
         model_dir = Path(model_dir)
         kind_file = model_dir / "kind.txt"
         if not kind_file.is_file():
-            raise FileNotFoundError(f"{model_dir} holds no saved model (kind.txt is missing)")
+            raise ModelFileError(f"{model_dir} holds no saved model (kind.txt is missing)")
         files = {
             p.name: p.read_bytes()
             for p in sorted(model_dir.iterdir())
             if p.is_file() and p.suffix in (".json", ".safetensors")
         }
-        return cls(kind_file.read_text().strip(), files)  # type: ignore[arg-type]
+        kind = kind_file.read_text().strip()
+        if kind not in KINDS:
+            raise ModelFileError(f"{kind_file} names an unknown kind of model, {kind[:40]!r}")
+        return cls(kind, files, str(model_dir))  # type: ignore[arg-type]
+
+    def verify(self) -> None:
+        """Refuse files that are not the ones written at save: each file's sha256 against
+        the manifest, nothing missing, nothing added, the kind the manifest names."""
+        raw = self.files.get(MANIFEST)
+        if raw is None:
+            raise ModelFileError(
+                f"{self.where} has no {MANIFEST} (saved by an older version or stripped), so "
+                "its files cannot be checked; retrain or re-export the model"
+            )
+        try:
+            manifest = json.loads(raw)
+            kind, digests = manifest["kind"], dict(manifest["sha256"])
+        except (ValueError, KeyError, TypeError):
+            raise ModelFileError(f"{self.where}/{MANIFEST} is not a valid manifest") from None
+        if kind != self.kind:
+            raise ModelFileError(
+                f"{self.where} is a saved {self.kind} but its manifest says {kind}"
+            )
+        for name, digest in digests.items():
+            if name not in self.files:
+                raise ModelFileError(f"{self.where}/{name} is missing")
+            if _sha256(self.files[name]) != digest:
+                raise ModelFileError(
+                    f"{self.where}/{name} is damaged: its sha256 is not the one recorded when "
+                    f"it was saved ({MANIFEST})"
+                )
+        extra = sorted(set(self.files) - set(digests) - {MANIFEST})
+        if extra:
+            raise ModelFileError(f"{self.where} holds files its manifest does not list: {extra}")
 
     @property
     def config(self) -> dict:
-        return json.loads(self.files["config.json"])
+        try:
+            config = json.loads(self.files["config.json"])
+        except (KeyError, ValueError):
+            raise ModelFileError(f"{self.where}/config.json is missing or not JSON") from None
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{self.where}/config.json does not hold an object")
+        return config
 
     def content_id(self) -> str:
         """sha256 over the kind and every file: equal weights and config, equal id (ZenML's
@@ -72,45 +134,89 @@ def _weights(module: nn.Module) -> bytes:
     )
 
 
+def check_finite(module: nn.Module, where: str) -> None:
+    """NaN or infinite weights load silently and sample noise: refuse them by name."""
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelFileError(f"{where} holds NaN or infinite weights ({name})")
+
+
 def pack_clip(clip: OpenClip) -> ModelArtifact:
     with tempfile.TemporaryDirectory() as tmp:
         clip.save(Path(tmp))
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-    return ModelArtifact("clip", files)
+    return ModelArtifact.build("clip", files)
 
 
 def pack_prior(prior: DiffusionPrior) -> ModelArtifact:
     """Weights of `prior` (pass the EMA copy) + its PriorConfig."""
     config = prior.cfg.model_dump_json(indent=1).encode()
-    return ModelArtifact("prior", {"config.json": config, "model.safetensors": _weights(prior)})
+    return ModelArtifact.build(
+        "prior", {"config.json": config, "model.safetensors": _weights(prior)}
+    )
 
 
 def pack_stage(stage: DecoderStage, index: int) -> ModelArtifact:
     cfg = json.loads(stage.cfg.model_dump_json())
     config = json.dumps({"index": index, "stage": cfg}, indent=1).encode()
-    return ModelArtifact(
+    return ModelArtifact.build(
         "decoder_stage", {"config.json": config, "model.safetensors": _weights(stage)}
     )
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], data: Any, artifact: ModelArtifact) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        at = ".".join(str(p) for p in first["loc"]) or "its top level"
+        raise ModelFileError(
+            f"{artifact.where}/config.json is not a valid {artifact.kind} config "
+            f"(at {at}: {first['msg']})"
+        ) from None
+
+
 def _load_state(module: nn.Module, artifact: ModelArtifact) -> None:
-    module.load_state_dict(load_safetensors(artifact.files["model.safetensors"]))
+    where = f"{artifact.where}/model.safetensors"
+    try:
+        tensors = load_safetensors(artifact.files["model.safetensors"])
+    except KeyError:
+        raise ModelFileError(f"{where} is missing") from None
+    except Exception as err:  # safetensors raises its own error types on bad bytes
+        raise ModelFileError(f"{where} is not a readable safetensors file ({err})") from None
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError:
+        raise ModelFileError(
+            f"{where} does not fit the model its config.json describes (a changed layer "
+            "size, or the weights of another model)"
+        ) from None
+    check_finite(module, where)
 
 
 def _expect(artifact: ModelArtifact, kind: Kind) -> None:
     if artifact.kind != kind:
-        raise ValueError(f"expected a saved {kind}, got a saved {artifact.kind}")
+        raise ModelFileError(f"{artifact.where} is a saved {artifact.kind}, not a {kind}")
+    artifact.verify()
 
 
 def unpack_clip(artifact: ModelArtifact) -> OpenClip:
     _expect(artifact, "clip")
     with tempfile.TemporaryDirectory() as tmp:
-        return load_clip(artifact.to_dir(Path(tmp)))
+        try:
+            clip = load_clip(artifact.to_dir(Path(tmp)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelFileError(f"{artifact.where} is not a loadable CLIP ({err})") from None
+    check_finite(clip.model, f"{artifact.where}/clip.safetensors")
+    return clip
 
 
 def unpack_prior(artifact: ModelArtifact) -> DiffusionPrior:
     _expect(artifact, "prior")
-    prior = DiffusionPrior(PriorConfig.model_validate(artifact.config))
+    prior = DiffusionPrior(_parse(PriorConfig, artifact.config, artifact))
     _load_state(prior, artifact)
     return prior.eval()
 
@@ -118,6 +224,8 @@ def unpack_prior(artifact: ModelArtifact) -> DiffusionPrior:
 def unpack_stage(artifact: ModelArtifact) -> tuple[int, DecoderStage]:
     _expect(artifact, "decoder_stage")
     meta = artifact.config
-    stage = DecoderStage(DecoderStageConfig.model_validate(meta["stage"]))
+    if not isinstance(meta.get("index"), int) or meta["index"] < 0:
+        raise ModelFileError(f"{artifact.where}/config.json lacks the stage's index")
+    stage = DecoderStage(_parse(DecoderStageConfig, meta.get("stage"), artifact))
     _load_state(stage, artifact)
-    return int(meta["index"]), stage.eval()
+    return meta["index"], stage.eval()

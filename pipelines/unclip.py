@@ -1,11 +1,12 @@
 """The unCLIP training pipeline."""
 
+import sys
 from typing import Any
 
 from zenml import pipeline
 from zenml.config import CachePolicy
 
-from dalle2.config import ConfigError, parse_config
+from dalle2.config import ConfigError, check_resources, parse_config
 from steps import (
     compute_clip_embeddings,
     download_images,
@@ -25,11 +26,13 @@ CACHE = CachePolicy(cache_func="steps._shared.code_version")
 def unclip_pipeline(config: dict[str, Any]) -> None:
     """download_images -> train_clip (or load_pretrained_clip) -> compute_clip_embeddings
     -> train_prior -> train_decoder_unet_{i} for each stage -> evaluate."""
-    try:
-        cfg = parse_config(config)  # fail at compile time, before any step runs
+    try:  # fail at compile time, before any step runs
+        cfg = parse_config(config)
+        check_resources(cfg)
     except ConfigError as err:
-        # The user-facing edge: one sentence and exit code 1, not a traceback.
-        raise SystemExit(f"error: {err}") from None
+        # The user-facing edge: one sentence and exit code 2 (a usage error), no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     run = {"device": cfg.device, "progress": cfg.progress}
     dataset = download_images(config)
     if cfg.clip.pretrained_model is None:

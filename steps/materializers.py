@@ -27,7 +27,7 @@ class ModelArtifactMaterializer(BaseMaterializer):
             if name.endswith((".json", ".safetensors")):
                 with fileio.open(os.path.join(self.uri, name), "rb") as f:
                     files[name] = f.read()
-        return ModelArtifact(kind, files)  # type: ignore[arg-type]
+        return ModelArtifact(kind, files, f"ZenML artifact {self.uri}")  # type: ignore[arg-type]
 
     def save(self, data: ModelArtifact) -> None:
         with fileio.open(os.path.join(self.uri, "kind.txt"), "w") as f:

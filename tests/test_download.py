@@ -129,7 +129,7 @@ def test_bad_rows_are_counted(tmp_path: Path) -> None:
     assert all(abs(int(s.image[32, 32, 0]) - int(s.caption[1:]) * 20) <= 3 for s in samples)
 
 
-def test_disallowed_url_schemes_are_refused_and_counted(tmp_path: Path) -> None:
+def test_disallowed_schemes_and_empty_captions_are_refused_and_counted(tmp_path: Path) -> None:
     site = _site(tmp_path)
     secret = tmp_path / "secret.png"  # a real image on the pipeline machine's disk
     Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(secret)
@@ -138,19 +138,22 @@ def test_disallowed_url_schemes_are_refused_and_counted(tmp_path: Path) -> None:
             (secret.as_uri(), "file"),
             (f"<URL:{secret.as_uri()}>", "wrapped file"),  # urllib unwraps and opens this
             ("ftp://127.0.0.1:1/x.png", "ftp"),
+            (f"{base}/0.png", None),  # good images without a caption are not trained on
+            (f"{base}/1.png", "   "),
         ]
         pd.DataFrame(rows, columns=["url", "caption"]).to_parquet(tmp_path / "urls.parquet")
         cfg = DataConfig(
             url_list=str(tmp_path / "urls.parquet"),
             processes=1,
             threads=4,
-            min_success_ratio=0.5,
+            min_success_ratio=0.4,
             timeout_s=5,
         )
         stats = download_dataset(cfg, tmp_path / "data", tmp_path / "cache", progress=False)
-    assert (stats.count, stats.successes, stats.failed_to_download) == (7, 4, 3)
+    assert (stats.count, stats.successes, stats.failed_to_download) == (9, 4, 5)
     assert stats.reasons == {
         "url scheme 'file' not allowed (data.allowed_url_schemes)": 2,
+        "empty or missing caption": 2,
         "url scheme 'ftp' not allowed (data.allowed_url_schemes)": 1,
     }
     assert read_stats(tmp_path / "data") == stats

@@ -17,9 +17,11 @@ TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 def _tiny_decoder(num_processes: int) -> dict:
     cfg = load_config(TINY).model_dump(mode="json")
+    cfg["clip"]["tower"]["embed_dim"] = 4  # the embedding shards' width
     cfg["prior"]["net"]["embed_dim"] = 4
+    for s in cfg["decoder"]:
+        s["unet"]["image_embed_dim"] = 4
     stage = cfg["decoder"][0]
-    stage["unet"]["image_embed_dim"] = 4
     stage["diffusion"].update(prediction="x0", loss_weighting="none")  # a loss that falls fast
     stage["train"].update(steps=40, batch_size=8, log_every=5, lr=2e-3, num_processes=num_processes)
     cfg["data"]["loader_workers"] = 1

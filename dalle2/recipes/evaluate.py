@@ -19,6 +19,10 @@ from dalle2.evaluation import clip_score, frechet_distance, prior_similarities, 
 from dalle2.prior import DiffusionPrior
 
 
+class NonFiniteOutputError(RuntimeError):
+    """The models produced NaN or infinite values: there is no image to write."""
+
+
 @torch.no_grad()
 def generate(
     clip: OpenClip,
@@ -43,6 +47,12 @@ def generate(
         with autocast(device, dtype):
             embed = prior.sample(enc.embed.float(), enc.tokens, enc.mask, generator=gen)
             images = decoder.sample(embed, generator=gen)
+        if not bool(torch.isfinite(images).all() and torch.isfinite(embed).all()):
+            raise NonFiniteOutputError(
+                f"sampling produced NaN or infinite values for prompts {start}.."
+                f"{start + len(caps) - 1}; no images were written (check the models' weights "
+                "and sampling settings)"
+            )
         out_images.append(images.float().cpu())
         out_embeds.append(embed.float().cpu())
     return torch.cat(out_images), torch.cat(out_embeds)
