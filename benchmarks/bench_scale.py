@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from dalle2.config import UnclipConfig
+    from dalle2.config import DataConfig, UnclipConfig
     from dalle2.trainer import TrainResult
 
 HERE = Path(__file__).resolve().parent
@@ -246,7 +246,7 @@ class ChildPeak:
 
 
 def _load_in_memory(
-    shard_dir: Path, emb_dir: Path, holdout_fraction: float
+    shard_dir: Path, emb_dir: Path, data: DataConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-streaming path's data: every training image decoded into one uint8
     (N, H, W, 3) tensor, and its image embedding into an (N, E) tensor."""
@@ -256,10 +256,11 @@ def _load_in_memory(
     from dalle2 import data as D
 
     images, embeds = [], []
+    holdout = D.Holdout.of(data)
     for tar in D.shard_paths(shard_dir):
         _, _, arrays = D.read_embedding_shard(emb_dir, tar.stem)
         for i, raw in enumerate(D.tar_samples(tar)):
-            if D.in_split(raw["__key__"], "train", holdout_fraction):
+            if holdout.keeps("train", raw["__key__"], D.caption_of(raw)):
                 images.append(D.decode_image(raw))
                 embeds.append(arrays["image_embed"][i])
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(embeds))
@@ -326,7 +327,7 @@ def _child_rss(spec: dict[str, Any]) -> dict[str, Any]:
             result = _fit_streaming(cfg, shard_dir, emb_dir, None)
         else:
             t0 = time.perf_counter()
-            images, embeds = _load_in_memory(shard_dir, emb_dir, cfg.data.holdout_fraction)
+            images, embeds = _load_in_memory(shard_dir, emb_dir, cfg.data)
             load_s = time.perf_counter() - t0
             result = _fit_in_memory(cfg, images, embeds, None)
     return {
@@ -384,7 +385,7 @@ def _log(text: str) -> None:
 def _speed_b(spec: dict[str, Any], shard_dir: Path, emb_dir: Path) -> dict[str, list[float]]:
     """samples/s streaming vs in-memory, alternating (S M, M S, ...) so drift cancels."""
     cfg = _bench_config(spec, _timed_steps(spec))
-    images, embeds = _load_in_memory(shard_dir, emb_dir, cfg.data.holdout_fraction)
+    images, embeds = _load_in_memory(shard_dir, emb_dir, cfg.data)
     rates: dict[str, list[float]] = {"stream": [], "memory": []}
     for r in range(spec["rounds"]):
         for path in ("stream", "memory") if r % 2 == 0 else ("memory", "stream"):

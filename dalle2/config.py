@@ -160,7 +160,10 @@ class DataConfig(_Strict):
     allowed_url_schemes: tuple[str, ...] = ("http", "https")
     shard_size: int = Field(1000, ge=1)
     timeout_s: float = Field(10.0, gt=0)
-    holdout_fraction: float = Field(0.05, ge=0, lt=1)  # pairs kept out of training
+    # kept out of training: a share of the distinct captions (every image of them), or of
+    # the pairs for datasets whose captions never repeat; see data.Holdout
+    holdout: Literal["captions", "pairs"] = "captions"
+    holdout_fraction: float = Field(0.05, ge=0, lt=1)
     shuffle_buffer: int = Field(1000, ge=1)  # samples per loader worker mixed before batching
     # DataLoader processes per training process that read, decode and augment; 0 reads in the
     # training process (best on a 2-core CPU, where a worker competes with the training threads)

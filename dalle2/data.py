@@ -21,6 +21,7 @@ import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,22 +70,42 @@ class AlignmentError(RuntimeError):
 # ----------------------------------------------------------------------------- split
 
 
-def is_holdout(key: str, fraction: float, seed: int = 0) -> bool:
-    """Whether a pair is held out of training.
+@dataclass(frozen=True)
+class Holdout:
+    """Which pairs are held out of training: the one place the split is decided.
 
-    A hash of the key, not a permutation of indices: every step, process and worker agrees
-    on it without a pass over the data, and adding shards does not move existing pairs.
+    `by="captions"` withholds a share of the distinct captions (every image of a held-out
+    caption is unseen by CLIP, the prior and every unet, so evaluation asks for prompts the
+    models never read); `by="pairs"` withholds a share of the pairs, for datasets whose
+    captions never repeat. A hash, not a permutation: every step, process and worker agrees
+    without a pass over the data, and adding shards does not move existing pairs.
     """
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
 
+    fraction: float = 0.0
+    by: Literal["captions", "pairs"] = "captions"
 
-def in_split(key: str, split: Split, holdout_fraction: float) -> bool:
-    if split == "all":
-        return True
-    return is_holdout(key, holdout_fraction) == (split == "holdout")
+    @classmethod
+    def of(cls, data: Any) -> Holdout:
+        """The split a DataConfig names (data.holdout_fraction, data.holdout)."""
+        return cls(data.holdout_fraction, data.holdout)
+
+    def held(self, key: str, caption: str) -> bool:
+        if self.fraction <= 0:
+            return False
+        what = " ".join(caption.split()).casefold() if self.by == "captions" else key
+        digest = hashlib.blake2b(what.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") < self.fraction * 2**64
+
+    def keeps(self, split: Split, key: str, caption: str) -> bool:
+        """Whether a pair belongs to `split` ("train", "holdout" or "all")."""
+        return split == "all" or self.held(key, caption) == (split == "holdout")
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """What the held-out and the training pairs are, for metric names."""
+        if self.by == "captions":
+            return "unseen_captions", "seen_captions"
+        return "heldout_pairs", "train_pairs"
 
 
 # ----------------------------------------------------------------------------- image shards
@@ -292,7 +313,7 @@ class ShardStream(IterableDataset):
         shard_dir: img2dataset's tar shards; None streams embedding shards alone (the prior).
         emb_dir: embedding shards to join by key; None streams images and captions alone.
         batch_size: samples per batch of this process (the global batch / processes).
-        split: which pairs: "train", "holdout" (see is_holdout) or "all".
+        split: which pairs: "train", "holdout" (see Holdout) or "all".
         text_tokens: also read the per-token text encodings and masks.
         shuffle_buffer: samples mixed per reader; 0 keeps shard order (evaluation).
         epochs: passes over the data; None streams forever (training is step-based).
@@ -308,7 +329,7 @@ class ShardStream(IterableDataset):
         *,
         batch_size: int,
         split: Split = "train",
-        holdout_fraction: float = 0.0,
+        holdout: Holdout = Holdout(),
         text_tokens: bool = False,
         shuffle_buffer: int = 1000,
         seed: int = 0,
@@ -329,7 +350,7 @@ class ShardStream(IterableDataset):
         )
         self.batch_size = batch_size
         self.split = split
-        self.holdout_fraction = holdout_fraction
+        self.holdout = holdout
         self.text_tokens = text_tokens
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -417,17 +438,23 @@ class ShardStream(IterableDataset):
         names, stride = self._epoch_shards(epoch, slot, readers)
         for name in names:
             for i, s in enumerate(self._shard(name)):
-                if i % stride == slot % stride and in_split(
-                    s["__key__"], self.split, self.holdout_fraction
+                if i % stride == slot % stride and self.holdout.keeps(
+                    self.split, s["__key__"], s["caption"]
                 ):
                     yield s
 
-    def _shard_keys(self, name: str) -> list[str]:
-        """Keys a shard yields, in order, without reading its images (to count batches)."""
+    def _shard_rows(self, name: str) -> list[tuple[str, str]]:
+        """(key, caption) of a shard's samples in order, without reading its images."""
         if self.emb_dir is not None:  # checked against the tar as the shard is streamed
-            meta = self.emb_dir / f"{name}.parquet"
-            return pd.read_parquet(meta, columns=["key"])["key"].tolist()
-        return [key for key, _ in self._tar_index(name)]
+            meta = pd.read_parquet(self.emb_dir / f"{name}.parquet", columns=["key", "caption"])
+            return list(zip(meta["key"], meta["caption"], strict=True))
+        rows = []
+        with open(self.shard_dir / f"{name}.tar", "rb") as f:
+            for key, parts in self._tar_index(name):
+                offset, size = parts["txt"]
+                f.seek(offset)
+                rows.append((key, f.read(size).decode("utf-8").strip()))
+        return rows
 
     def _epoch_batches(self, epoch: int, slot: int, readers: int) -> int:
         """Batches this reader yields in `epoch`: counted from keys, nothing is decoded."""
@@ -435,8 +462,8 @@ class ShardStream(IterableDataset):
         n = sum(
             1
             for name in names
-            for i, key in enumerate(self._shard_keys(name))
-            if i % stride == slot % stride and in_split(key, self.split, self.holdout_fraction)
+            for i, (key, caption) in enumerate(self._shard_rows(name))
+            if i % stride == slot % stride and self.holdout.keeps(self.split, key, caption)
         )
         return n // self.batch_size
 
@@ -444,9 +471,9 @@ class ShardStream(IterableDataset):
         """Whether the readers' average share of an epoch falls short of a batch, so some
         would never fill one (an epoch without a batch is otherwise normal: small shards)."""
         total = sum(
-            in_split(key, self.split, self.holdout_fraction)
+            self.holdout.keeps(self.split, key, caption)
             for name in self.names
-            for key in self._shard_keys(name)
+            for key, caption in self._shard_rows(name)
         )
         return total < readers * self.batch_size
 

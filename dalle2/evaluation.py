@@ -83,6 +83,15 @@ def find_inception_weights(path: str | None) -> str | None:
     if path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"InceptionV3 weights not found at {path}")
+        # torch-fidelity unpickles the file in full; first make sure it holds tensors only
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # the safe unpickler refuses anything but tensors
+            raise ValueError(
+                f"{path} is not an InceptionV3 state dict of plain tensors ({type(err).__name__})"
+            ) from None
+        if not isinstance(state, dict) or "fc.weight" not in state:
+            raise ValueError(f"{path} is not torch-fidelity's InceptionV3 weights (no fc.weight)")
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_CACHE_NAME
     return str(cached) if cached.is_file() else None

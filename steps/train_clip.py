@@ -6,7 +6,7 @@ from typing import Annotated
 from zenml import ArtifactConfig, step
 
 from dalle2.config import ClipConfig, DataConfig
-from dalle2.data import DatasetRef
+from dalle2.data import DatasetRef, Holdout
 from dalle2.device import pick_device
 from dalle2.models import ModelArtifact, pack_clip, unpack_clip
 from dalle2.recipes.clip import load_clip_for, retrieval_accuracy
@@ -27,7 +27,8 @@ def train_clip(
     model = unpack_clip(artifact).to(pick_device(device))
     acc = retrieval_accuracy(model, dataset.path, data)
     if not math.isnan(acc):
-        log_metrics({"clip/retrieval_acc_holdout": acc})
+        held, _ = Holdout.of(data).names
+        log_metrics({f"clip/retrieval_acc_{held}": acc})
     return artifact
 
 

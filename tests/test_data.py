@@ -38,14 +38,15 @@ def test_every_key_once_per_epoch_across_2_ranks_x_2_workers(tmp_path, monkeypat
             emb_dir,
             batch_size=4,
             split=split,
-            holdout_fraction=0.25,
+            holdout=D.Holdout(0.25, "pairs"),
             shuffle_buffer=16,
             epochs=1,
             drop_last=False,
         )
         per_rank = [_rank_keys(monkeypatch, stream, r, 2, 2) for r in range(2)]
         seen = Counter(per_rank[0] + per_rank[1])
-        expected = {k for k in everything if D.is_holdout(k, 0.25) == (split == "holdout")}
+        held = D.Holdout(0.25, "pairs")
+        expected = {k for k in everything if held.held(k, "") == (split == "holdout")}
         assert set(seen) == expected and max(seen.values()) == 1, split
         assert all(len(keys) > 0 for keys in per_rank), "a rank read nothing"
     assert 0 < len(expected) < len(everything)
@@ -137,12 +138,32 @@ def test_unique_caption_batches_do_not_repeat_a_caption(tmp_path):
         assert len(caps) == 12 and len(set(caps)) == 12, caps
 
 
-def test_holdout_split_is_a_stable_share_of_keys():
+def test_holdout_by_pairs_is_a_stable_share_of_keys():
     keys = [f"{n:09d}" for n in range(20_000)]
-    held = [k for k in keys if D.is_holdout(k, 0.05)]
+    split = D.Holdout(0.05, "pairs")
+    held = [k for k in keys if split.held(k, "same caption")]
     assert 0.045 < len(held) / len(keys) < 0.055
-    assert held == [k for k in keys if D.is_holdout(k, 0.05)]
-    assert not any(D.is_holdout(k, 0.0) for k in keys)
+    assert held == [k for k in keys if split.held(k, "same caption")]
+    assert not any(D.Holdout(0.0, "pairs").held(k, "x") for k in keys)
+
+
+def test_holdout_by_captions_withholds_every_image_of_a_caption(tmp_path):
+    """No caption is in both splits, whatever the key: the models never read a held-out
+    caption, so evaluation prompts with text they have not seen."""
+    shard_dir, emb_dir = write_shard_set(tmp_path, 4, 50, captions=40)  # 5 images a caption
+    split = D.Holdout(0.2, "captions")
+
+    def captions(which: str) -> Counter:
+        stream = D.ShardStream(
+            shard_dir, emb_dir, batch_size=7, split=which, holdout=split, epochs=1, drop_last=False
+        )
+        return Counter(c for b in stream for c in b["caption"])
+
+    held, train = captions("holdout"), captions("train")
+    assert held and train and not set(held) & set(train)
+    assert set(held.values()) == {5} and set(train.values()) == {5}  # whole captions
+    assert split.held("k1", "A  Red circle ") == split.held("k2", "a red circle")
+    assert 4 <= len(held) <= 14  # about 20% of 40
 
 
 def test_embedding_step_resumes_shard_by_shard(tmp_path):
@@ -186,7 +207,7 @@ def test_a_stream_started_at_batch_n_continues_the_uninterrupted_stream(
             shard_dir,
             emb_dir,
             batch_size=6,
-            holdout_fraction=0.1,
+            holdout=D.Holdout(0.1, "pairs"),
             shuffle_buffer=30,
             seed=3,
             unique_captions=unique_captions,

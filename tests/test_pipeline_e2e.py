@@ -152,27 +152,32 @@ def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) 
         "prior/loss",
         "decoder_unet_0/loss",
         "decoder_unet_1/loss",
-        "clip_frechet_distance",
-        "clip_score",
-        "prior_cos_true",
-        "text_image_cos",
-        "prior_cos_unrelated",
-        "fidelity_color",
-        "fidelity_shape",
-        "fidelity_size",
-        "fidelity_background",
-        "fidelity_all",
+        "clip/retrieval_acc_unseen_captions",
         "data/successes",
     ):
         assert key in metrics, f"{key} missing from the MLflow run"
-    assert "fid" not in metrics, "without Inception weights the distance must not be called fid"
+    for split in ("unseen_captions", "seen_captions"):  # each set under its own name
+        for key in (
+            "clip_frechet_distance",
+            "clip_score",
+            "prior_cos_true",
+            "text_image_cos",
+            "prior_cos_unrelated",
+            "fidelity_color",
+            "fidelity_shape",
+            "fidelity_size",
+            "fidelity_background",
+            "fidelity_all",
+        ):
+            assert f"{split}/{key}" in metrics, f"{split}/{key} missing from the MLflow run"
+    assert not any(k.endswith("/fid") for k in metrics), "without Inception weights: no fid"
     assert metrics["data/successes"] == 216
     assert (metrics["clip/steps"], metrics["prior/steps"], metrics["decoder_unet_0/steps"]) == (
         10,
         10,
         120,
     ), "each model records the steps it trained"
-    assert 0.0 <= metrics["fidelity_all"] <= 1.0
+    assert 0.0 <= metrics["unseen_captions/fidelity_all"] <= 1.0
     assert params["data.num_synthetic"] == "216"
     assert params["decoder.1.lowres_size"] == "16"
     md5 = (first_run / "data.dvc").read_text().split("md5: ")[1].split()[0]

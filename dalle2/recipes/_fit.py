@@ -60,7 +60,7 @@ def stream(
         emb_dir,
         batch_size=train.batch_size // run.world,
         split="train",
-        holdout_fraction=data.holdout_fraction,
+        holdout=D.Holdout.of(data),
         shuffle_buffer=data.shuffle_buffer,
         seed=train.seed,
         **kwargs,

@@ -54,14 +54,15 @@ def fit_clip(
 
 @torch.no_grad()
 def retrieval_accuracy(clip: OpenClip, shard_dir: Path, data: DataConfig, n: int = 512) -> float:
-    """Share of held-out images (pairs CLIP never trained on) whose closest caption, among
-    the distinct captions of those pairs, is their own; NaN without held-out pairs."""
+    """Share of held-out images (pairs CLIP never trained on; with data.holdout captions,
+    captions it never read either) whose closest caption, among the distinct captions of
+    those pairs, is their own; NaN without held-out pairs."""
     held = D.take(
         D.ShardStream(
             shard_dir,
             batch_size=256,
             split="holdout",
-            holdout_fraction=data.holdout_fraction,
+            holdout=D.Holdout.of(data),
             shuffle_buffer=0,
             epochs=1,
             drop_last=False,

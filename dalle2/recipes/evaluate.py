@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -58,28 +59,33 @@ def generate(
     return torch.cat(out_images), torch.cat(out_embeds)
 
 
-def holdout_pairs(cfg: UnclipConfig, shard_dir: Path, emb_dir: Path) -> D.Batch:
-    """The first eval.num_prompts held-out pairs in shard order: captions, images, embeddings.
-
-    Falls back to training pairs (with a warning from the caller) when nothing is held out.
-    """
-    split: D.Split = "holdout" if cfg.data.holdout_fraction > 0 else "all"
-    held = D.take(
+def eval_pairs(cfg: UnclipConfig, shard_dir: Path, emb_dir: Path, split: D.Split) -> D.Batch:
+    """eval.num_prompts pairs of `split` to prompt with, spread over its distinct captions
+    (taken in turn, in shard order), with their images and embeddings; {} when empty."""
+    pool = D.take(
         D.ShardStream(
             shard_dir,
             emb_dir,
             batch_size=cfg.eval.batch_size,
             split=split,
-            holdout_fraction=cfg.data.holdout_fraction,
+            holdout=D.Holdout.of(cfg.data),
             shuffle_buffer=0,
             epochs=1,
             drop_last=False,
         ),
-        cfg.eval.num_prompts,
+        4 * cfg.eval.num_prompts,
     )
-    if not held:
-        raise ValueError("no held-out pairs to evaluate on; raise data.holdout_fraction")
-    return held
+    if not pool:
+        return {}
+    by_caption: dict[str, list[int]] = {}
+    for i, caption in enumerate(pool["caption"]):
+        by_caption.setdefault(caption, []).append(i)
+    turns = itertools.zip_longest(*by_caption.values())
+    order = [i for turn in turns for i in turn if i is not None][: cfg.eval.num_prompts]
+    return {
+        k: v[order] if isinstance(v, torch.Tensor) else [v[i] for i in order]
+        for k, v in pool.items()
+    }
 
 
 def evaluate(
