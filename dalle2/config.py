@@ -255,6 +255,17 @@ class EvalConfig(_Strict):
     seed: int = 0
 
 
+class RegistryConfig(_Strict):
+    """Where the register_model step puts the pipeline's model, and when it becomes champion."""
+
+    name: str = Field("unclip", min_length=1)  # MLflow registered model
+    # a metric of the evaluate step; held-out captions (unseen_captions/...) measure what
+    # a user's new prompt gets, seen_captions/... what training already covered
+    metric: str = "unseen_captions/fidelity_all"
+    greater_is_better: bool = True
+    alias: str = Field("champion", min_length=1)  # moved to a new version only when it is better
+
+
 class UnclipConfig(_Strict):
     """The whole pipeline's configuration (the `config` parameter in zenml_config.yaml)."""
 
@@ -266,6 +277,7 @@ class UnclipConfig(_Strict):
     prior: PriorConfig = PriorConfig()
     decoder: tuple[DecoderStageConfig, ...] = (DecoderStageConfig(),)
     eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
     def _check(self) -> UnclipConfig:
@@ -389,7 +401,13 @@ def check_resources(cfg: UnclipConfig) -> None:
                 raise ConfigError(f"invalid config: {err}") from None
 
 
-PIPELINE_STEPS = ("download_images", "compute_clip_embeddings", "train_prior", "evaluate")
+PIPELINE_STEPS = (
+    "download_images",
+    "compute_clip_embeddings",
+    "train_prior",
+    "evaluate",
+    "register_model",
+)
 
 
 def check_run_steps(steps: dict[str, Any], cfg: UnclipConfig) -> None:

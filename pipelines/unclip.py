@@ -3,7 +3,7 @@
 import sys
 from typing import Any
 
-from zenml import pipeline
+from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
 from dalle2.config import ConfigError, check_resources, parse_config
@@ -12,6 +12,7 @@ from steps import (
     download_images,
     evaluate,
     load_pretrained_clip,
+    register_model,
     train_clip,
     train_decoder_unet,
     train_prior,
@@ -22,10 +23,15 @@ from steps import (
 CACHE = CachePolicy(cache_func="steps._shared.code_version")
 
 
-@pipeline(enable_cache=True, cache_policy=CACHE)
+# Every run is a version of this ZenML model, which links the run's artifacts (data refs,
+# models, metrics): `zenml model version list unclip`. MLflow's registry holds the servable one.
+MODEL = Model(name="unclip", description="unCLIP text-to-image: CLIP, prior, decoder cascade")
+
+
+@pipeline(enable_cache=True, cache_policy=CACHE, model=MODEL)
 def unclip_pipeline(config: dict[str, Any]) -> None:
     """download_images -> train_clip (or load_pretrained_clip) -> compute_clip_embeddings
-    -> train_prior -> train_decoder_unet_{i} for each stage -> evaluate."""
+    -> train_prior -> train_decoder_unet_{i} for each stage -> evaluate -> register_model."""
     try:  # fail at compile time, before any step runs
         cfg = parse_config(config)
         check_resources(cfg)
@@ -49,4 +55,5 @@ def unclip_pipeline(config: dict[str, Any]) -> None:
         )
         for i, stage in enumerate(cfg.decoder)
     ]
-    evaluate(config, dataset, embeddings, clip, prior, unets)
+    metrics = evaluate(config, dataset, embeddings, clip, prior, unets)
+    register_model(config, dataset, clip, prior, unets, metrics)

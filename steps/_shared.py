@@ -92,19 +92,30 @@ def log_model(artifact: ModelArtifact, name: str) -> None:
             mlflow.log_artifacts(str(artifact.to_dir(Path(tmp))), artifact_path=f"models/{name}")
 
 
-def git_commit(root: Path) -> str:
-    proc = subprocess.run(
+def git_commit(root: Path) -> tuple[str, bool]:
+    """HEAD, and whether the checkout has uncommitted changes (then HEAD is not the code)."""
+    head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False
     )
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+    if head.returncode != 0:
+        return "unknown", True
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return head.stdout.strip(), bool(status.stdout.strip())
 
 
 # A failed training step is tried again by ZenML, and resumes from its last checkpoint.
 TRAIN_RETRY = StepRetryConfig(max_retries=2, delay=10, backoff=2)
 
 
-# Modules no step runs (command-line entry points): editing them keeps the caches.
-NOT_IN_STEPS = {"dalle2/cli.py", "dalle2/reproduce.py"}
+# Modules no cached step runs (entry points, and what only the uncached register_model
+# uses): editing them keeps the caches.
+NOT_IN_STEPS = {"dalle2/cli.py", "dalle2/reproduce.py", "dalle2/serving.py", "dalle2/model_card.py"}
 
 
 def code_version() -> str:
@@ -172,3 +183,13 @@ def train(
     log_model(artifact, name)
     shutil.rmtree(ckpt, ignore_errors=True)
     return artifact
+
+
+def mark_training_experiment() -> None:
+    """Open the run's experiment on MLflow 3's model-training pages, not its GenAI ones: the
+    UI reads the kind from this experiment tag, and guesses GenAI when it is absent."""
+    run = mlflow.active_run()
+    if run is not None:
+        mlflow.MlflowClient().set_experiment_tag(
+            run.info.experiment_id, "mlflow.experimentKind", "custom_model_development"
+        )

@@ -12,7 +12,16 @@ from zenml import ArtifactConfig, log_metadata, step
 from dalle2.data import DatasetRef
 from dalle2.download import prepare_dataset
 from dalle2.versioning import find_project_root, pointer_md5, repo_lock
-from steps._shared import git_commit, load, log_metrics, log_params, logger, set_tags, tracking
+from steps._shared import (
+    git_commit,
+    load,
+    log_metrics,
+    log_params,
+    logger,
+    mark_training_experiment,
+    set_tags,
+    tracking,
+)
 
 
 @step(enable_cache=False)
@@ -45,11 +54,14 @@ def download_images(
         pointer_text = pointer.read_bytes()
         snapshot = pointer_md5(root, cfg.data.data_dir) or ds.snapshot_md5
     log_params(cfg)
+    mark_training_experiment()
+    commit, dirty = git_commit(root)
     set_tags(
         {
             "data_md5": ds.md5,
             "data_snapshot_md5": snapshot,
-            "git_commit": git_commit(root),
+            "git_commit": commit,
+            "git_dirty": str(dirty),
             "download_skipped": str(ds.skipped),
         }
     )

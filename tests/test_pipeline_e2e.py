@@ -190,6 +190,25 @@ def test_pipeline_run_is_tracked_in_mlflow(first_run: Path, mlflow_server: str) 
     samples = rest(mlflow_server, f"artifacts/list?run_id={run_id}&path=samples")["files"]
     assert any(f["path"] == "samples/samples.png" and int(f["file_size"]) > 0 for f in samples)
 
+    # a model people use: logged on the run, registered, champion, with a card (issue 13)
+    assert r["outputs"]["model_outputs"], "the run logged no MLflow model"
+    champion = rest(mlflow_server, "registered-models/alias?name=unclip&alias=champion")
+    assert champion["model_version"]["run_id"] == run_id
+    assert (tags["registry.version"], tags["registry.promoted"]) == ("1", "True")
+    assert tags["mlflow.note.content"].startswith("# unCLIP"), "the model card is the description"
+    top = rest(mlflow_server, f"artifacts/list?run_id={run_id}")["files"]
+    assert any(f["path"] == "model_card.md" for f in top)
+    exp = rest(mlflow_server, "experiments/get-by-name?experiment_name=unclip-test")["experiment"]
+    kinds = {t["key"]: t["value"] for t in exp["tags"]}
+    assert kinds["mlflow.experimentKind"] == "custom_model_development", "opens on training pages"
+    code = (  # the run is a version of the ZenML model, its models linked
+        "from zenml.client import Client; v = Client().get_model_version('unclip', 1); "
+        "names = [v.get_model_artifact(n).name for n in ('clip', 'prior', 'decoder_unet')]; "
+        "print(f'{names} version={v.run_metadata[\"registry.version\"]}')"
+    )
+    listed = run([sys.executable, "-c", code], first_run).stdout
+    assert "['clip', 'prior', 'decoder_unet'] version=1" in listed, listed
+
 
 def test_generate_from_latest_run(first_run: Path) -> None:
     out = first_run / "generated"

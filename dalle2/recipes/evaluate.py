@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dalle2 import data as D
 from dalle2.clip import OpenClip
-from dalle2.config import UnclipConfig
+from dalle2.config import SampleConfig, UnclipConfig
 from dalle2.decoder import Decoder
 from dalle2.device import autocast, autocast_dtype
 from dalle2.evaluation import clip_score, frechet_distance, prior_similarities, to_uint8
@@ -35,8 +36,13 @@ def generate(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    decoder_cfgs: Sequence[SampleConfig | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 3, H, W) in [0, 1] and the prior's image embeddings (N, E) for captions."""
+    """Images (N, 3, H, W) in [0, 1] and the prior's image embeddings (N, E) for captions.
+
+    `decoder_cfgs` replaces the sampling settings of some decoder stages (None keeps a
+    stage's own), so a served model can take guidance and steps per request.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     clip, prior, decoder = clip.to(device).eval(), prior.to(device).eval(), decoder.to(device)
     dtype = autocast_dtype(device, "auto")
@@ -47,7 +53,7 @@ def generate(
         enc = clip.encode_text(caps, with_tokens=prior.cfg.use_text_tokens)
         with autocast(device, dtype):
             embed = prior.sample(enc.embed.float(), enc.tokens, enc.mask, generator=gen)
-            images = decoder.sample(embed, generator=gen)
+            images = decoder.sample(embed, cfgs=decoder_cfgs, generator=gen)
         if not bool(torch.isfinite(images).all() and torch.isfinite(embed).all()):
             raise NonFiniteOutputError(
                 f"sampling produced NaN or infinite values for prompts {start}.."

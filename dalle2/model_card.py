@@ -1,0 +1,144 @@
+"""A short model card in markdown: what a registered model was trained on, how, how well.
+
+The register_model step writes it into the MLflow run (artifact `model_card.md` and the run
+description), the model version's description and the logged model itself, so whoever
+finds the model in the registry or serves it reads the same page.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dalle2.config import DecoderStageConfig, SampleConfig, UnclipConfig
+from dalle2.data import DatasetRef, Holdout
+
+# measured by the evaluate step on shapes64; other datasets have no pixel-level fidelity
+HEADLINE = (
+    "fidelity_all",
+    "fidelity_color",
+    "fidelity_shape",
+    "clip_score",
+    "clip_score_real",
+    "clip_frechet_distance",
+    "fid",
+    "prior_cos_true",
+)
+
+
+def _sampling(s: SampleConfig) -> str:
+    return f"{s.sampler} {s.steps} steps, guidance {s.guidance_scale:g}"
+
+
+def _stage(st: DecoderStageConfig) -> str:
+    u = st.unet
+    size = f"{st.lowres_size} -> {st.image_size} px upsampler" if st.lowres_size else ""
+    return (
+        f"{size or f'{st.image_size} px base'}, unet dim {u.dim} x {list(u.dim_mults)}, "
+        f"predicts {st.diffusion.prediction}"
+    )
+
+
+def _steps(name: str, configured: int, capped: bool, trained: dict[str, int | None]) -> str:
+    """Steps a model trained: measured on this run, else what the config fixes."""
+    got = trained.get(name)
+    if got is not None:
+        return str(got)
+    # a cached step trained in an earlier run, which holds the measured count
+    return f"up to {configured} (clock-capped)" if capped else f"{configured} (in an earlier run)"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "nan" if math.isnan(value) else f"{value:.4g}"
+
+
+def model_card(
+    cfg: UnclipConfig,
+    dataset: DatasetRef,
+    metrics: dict[str, float],
+    trained_steps: dict[str, int | None],
+    run_id: str | None = None,
+) -> str:
+    """The card of the models one pipeline run produced; `trained_steps` maps clip, prior and
+    decoder_unet_{i} to the steps the run measured (None for models from ZenML's cache)."""
+    d, held = cfg.data, Holdout.of(cfg.data)
+    held_name, seen_name = held.names
+    source = (
+        f"URL list `{d.url_list}`"
+        if d.url_list
+        else f"shapes64, the generated dataset ({d.num_synthetic} images, seed {d.synthetic_seed})"
+    )
+    kept = "distinct captions (every image of them)" if held.by == "captions" else "pairs"
+    lines = [
+        f"# unCLIP text-to-image model `{cfg.name}`",
+        "",
+        "CLIP, a diffusion prior and a decoder cascade (Ramesh et al. 2022), trained by the "
+        "`unclip_pipeline` ZenML pipeline" + (f", MLflow run `{run_id}`." if run_id else "."),
+        "",
+        "## Data",
+        f"- {source}, {d.image_size} px",
+        f"- DVC md5 `{dataset.md5}`: {dataset.num_samples} image-caption pairs "
+        f"({dataset.num_failed} failed downloads)",
+        f"- held out of all training: {d.holdout_fraction:g} of the {kept}",
+        "",
+        "## Models",
+        "| model | what | trained steps | sampling |",
+        "|---|---|---|---|",
+    ]
+    c = cfg.clip
+    if c.pretrained_model:
+        what = f"pretrained open_clip {c.pretrained_model} ({c.pretrained_weights or 'no tag'})"
+        lines.append(f"| clip | {what} | - | - |")
+    else:
+        t = c.tower
+        what = f"trained here, embed {t.embed_dim}, {t.image_size} px, context {t.context_length}"
+        steps = _steps("clip", c.train.steps, c.train.max_minutes is not None, trained_steps)
+        lines.append(f"| clip | {what} | {steps} | - |")
+    p = cfg.prior
+    tokens = ", text tokens" if p.use_text_tokens else ""
+    what = f"transformer dim {p.net.dim} x {p.net.depth}{tokens}"
+    steps = _steps("prior", p.train.steps, p.train.max_minutes is not None, trained_steps)
+    lines.append(f"| prior | {what} | {steps} | {_sampling(p.sample)}, best of {p.best_of} |")
+    for i, st in enumerate(cfg.decoder):
+        name = f"decoder_unet_{i}"
+        steps = _steps(name, st.train.steps, st.train.max_minutes is not None, trained_steps)
+        lines.append(f"| {name} | {_stage(st)} | {steps} | {_sampling(st.sample)} |")
+    lines += [
+        "",
+        f"## Metrics ({cfg.eval.num_prompts} prompts per set, eval seed {cfg.eval.seed})",
+        f"| metric | held-out captions (`{held_name}/`) | seen captions (`{seen_name}/`) |",
+        "|---|---|---|",
+    ]
+    for key in HEADLINE:
+        a, b = metrics.get(f"{held_name}/{key}"), metrics.get(f"{seen_name}/{key}")
+        if a is not None or b is not None:
+            lines.append(f"| {key} | {_fmt(a)} | {_fmt(b)} |")
+    reg = cfg.registry
+    lines += [
+        "",
+        f"Registered as `{reg.name}`; a version takes `@{reg.alias}` when its `{reg.metric}` is "
+        f"{'higher' if reg.greater_is_better else 'lower'} than the holder's.",
+        "",
+        "## Use",
+        f"    mlflow models serve -m models:/{reg.name}@{reg.alias} --env-manager local",
+        f'    dalle2 generate "a prompt" --model models:/{reg.name}@{reg.alias}',
+        "",
+        "## Known limits",
+    ]
+    if d.url_list is None:
+        lines.append(
+            "- shapes64 only: one flat shape (circle, square, triangle) of one of six colours "
+            "and two sizes on a white, black or gray background; nothing else can be drawn."
+        )
+    if c.pretrained_model is None:
+        lines.append(
+            f"- CLIP was trained here on these captions only: words it never read carry no "
+            f"meaning, and prompts over {c.tower.context_length - 2} tokens are refused."
+        )
+    lines += [
+        "- Held-out captions are the honest measure: seen captions were trained on.",
+        "- Metrics of two versions compare only under the same eval settings and data.",
+        "",
+    ]
+    return "\n".join(lines)

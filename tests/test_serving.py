@@ -1,0 +1,216 @@
+"""The registered model behind `mlflow models serve`: prompts in, PNGs out, bad requests
+refused in one sentence without taking the server down; the champion rule; and
+`dalle2 generate --model`. A tiny untrained model: these test the plumbing, not quality."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+from test_pipeline_e2e import BIN, REPO, _free_port
+
+from dalle2.cli import main
+from dalle2.clip import OpenClip, build_scratch_clip
+from dalle2.config import load_config
+from dalle2.decoder import DecoderStage
+from dalle2.models import pack_clip, pack_prior, pack_stage
+from dalle2.prior import DiffusionPrior
+from dalle2.serving import log_unclip_model, register
+
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+PROMPT = "a large red circle on a white background"
+
+
+def build_models(
+    root: Path, stages: list[DecoderStage] | None = None, clip: OpenClip | None = None
+) -> Path:
+    """A model folder laid out like a run's `models/` artifacts, from tiny.yaml's sizes
+    (random weights unless trained `stages` and their `clip` are given)."""
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    if clip is None:
+        clip = build_scratch_clip(cfg.clip.tower, [PROMPT, "a small blue square on a black sky"])
+    pack_clip(clip).to_dir(root / "clip")
+    pack_prior(DiffusionPrior(cfg.prior)).to_dir(root / "prior")
+    if stages is None:
+        stages = [DecoderStage(s) for s in cfg.decoder]
+        with torch.no_grad():  # unets start with zero outputs: then no setting shows in pixels
+            for param in (p for stage in stages for p in stage.parameters()):
+                param.add_(0.05 * torch.randn_like(param))
+    for i, stage in enumerate(stages):
+        pack_stage(stage, i).to_dir(root / f"decoder_unet_{i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A sqlite MLflow holding the tiny model as version 1 of `unclip`, @champion."""
+    tmp = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.create_experiment("serving", artifact_location=str(tmp / "artifacts"))
+        with mlflow.start_run(experiment_id=exp):
+            info = log_unclip_model(build_models(tmp / "models"))
+        decision = register(info.model_uri, "tiny", 0.5, name="unclip", metric="m")
+        assert (decision.version, decision.promoted) == ("1", True)
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def server(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow models serve -m models:/unclip@champion` on a free loopback port."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the server execs uvicorn
+    }
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/unclip@champion"]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(  # its own process group: the server and its uvicorn child
+            command,
+            env=env,
+            cwd=log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"no server:\n{log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def post(base: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"{base}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def png(b64: str) -> Image.Image:
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    img.load()
+    return img
+
+
+def test_served_model_answers_with_pngs(server: str) -> None:
+    rows = [{"prompt": PROMPT, "seed": 3}, {"prompt": "a red circle", "seed": 4}]
+    status, reply = post(server, {"dataframe_records": rows})
+    assert status == 200, reply
+    images = [png(p["image"]) for p in reply["predictions"]]
+    assert [(i.format, i.size, i.mode) for i in images] == [("PNG", (32, 32), "RGB")] * 2
+    # each row samples from its own seed: the same prompt and seed give the same image alone
+    status, alone = post(server, {"dataframe_records": rows[:1]})
+    assert alone["predictions"][0]["image"] == reply["predictions"][0]["image"]
+    status, reply = post(
+        server,
+        {"dataframe_records": rows[:1], "params": {"guidance_scale": 4.0, "steps": 2}},
+    )
+    assert status == 200, reply
+    assert reply["predictions"][0]["image"] != alone["predictions"][0]["image"]
+
+
+# request -> words of the model's own one-sentence reason
+BAD_REQUESTS = {
+    "no prompts": ({"dataframe_split": {"columns": ["prompt"], "data": []}}, "at least one"),
+    "empty prompt": ({"dataframe_records": [{"prompt": "   "}]}, "prompt 0 is empty"),
+    "10,000 words": ({"dataframe_records": [{"prompt": "word " * 10_000}]}, "shorten it"),
+    "number as prompt": ({"dataframe_records": [{"prompt": 5}]}, "not a string"),
+    "too many steps": ({"inputs": {"prompt": [PROMPT]}, "params": {"steps": 10**6}}, "steps"),
+    "negative guidance": (
+        {"inputs": {"prompt": [PROMPT]}, "params": {"guidance_scale": -1.0}},
+        "guidance_scale must be",
+    ),
+}
+# refused by MLflow's own schema checks before the model sees them
+SCHEMA_ERRORS = {
+    "no prompt column": ({"dataframe_records": [{"seed": 1}]}, "prompt"),
+    "text as seed": ({"dataframe_records": [{"prompt": PROMPT, "seed": "x"}]}, "seed"),
+    "text as steps": ({"inputs": {"prompt": [PROMPT]}, "params": {"steps": "ten"}}, "steps"),
+}
+
+
+def test_bad_requests_are_refused_in_one_sentence_and_the_server_keeps_serving(
+    server: str,
+) -> None:
+    for name, (body, words) in {**BAD_REQUESTS, **SCHEMA_ERRORS}.items():
+        status, reply = post(server, body)
+        assert 400 <= status < 500 and words in reply["message"], (name, status, reply)
+        if name in BAD_REQUESTS:  # MLflow prefixes the data; then "Error: " and the reason
+            reason = reply["message"].rsplit("\nError: ", 1)[-1]
+            assert words in reason and "\n" not in reason and len(reason) < 200, (name, reason)
+    status, reply = post(server, {"inputs": {"prompt": [PROMPT]}})
+    assert status == 200 and png(reply["predictions"][0]["image"]).size == (32, 32)
+
+
+def test_champion_moves_only_to_a_better_version(registry: str) -> None:
+    """The alias rule on one logged model registered under several content ids."""
+    uri = "models:/unclip/1"  # any model source registers; the rule reads tags and metrics
+    name, metric = "rule", "unseen_captions/fidelity_all"
+
+    def reg(content: str, value: float | None, greater: bool = True):
+        return register(uri, content, value, name=name, metric=metric, greater_is_better=greater)
+
+    first = reg("a", 0.5)
+    assert first.promoted and first.reason.startswith("no version held")
+    worse = reg("b", 0.4)
+    assert (worse.version, worse.promoted, worse.champion_value) == ("2", False, 0.5)
+    better = reg("c", 0.7)
+    assert better.promoted and "better than 0.5" in better.reason
+    again = reg("c", 0.7)  # the same files again (a cached rerun): no new version
+    assert (again.version, again.registered, again.promoted) == ("3", False, False)
+    assert not reg("d", None).promoted, "a run without the metric never takes the alias"
+    assert not reg("e", float("nan")).promoted
+    assert not reg("f", 0.9, greater=False).promoted, "lower is better: 0.9 loses to 0.7"
+    aliases = mlflow.MlflowClient().get_registered_model(name).aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "3"}
+
+
+def test_generate_from_the_registered_model(registry: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["generate", PROMPT, "--model", "models:/unclip@champion", "--tracking-uri", registry]
+    assert main([*argv, "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert Image.open(out / "0000.png").size == (32, 32)
+    argv[3] = "models:/unclip@nobody"
+    assert main([*argv, "--out", str(out)]) == 2
