@@ -30,12 +30,14 @@ import yaml
 from dalle2.config import DataConfig
 from dalle2.versioning import find_project_root
 
-# Metrics that describe the machine or how the run got there, not what it trained.
+# Metrics that describe the machine, how the run got there or the registry's state when it
+# ended (a reproduction finds the original as champion), not what it trained.
 UNCOMPARED_METRICS = (
     "time/*",
     "*samples_per_s*",
     "*sample_seconds_per_image",
     "*resumed_from_step",
+    "registry/*",
 )
 TRACKER_SETTINGS = "experiment_tracker.mlflow"
 TAG = "reproduces"
