@@ -118,6 +118,9 @@ class UNetConfig(_Strict):
     image_embed_dim: int = Field(512, ge=2)
     num_image_tokens: int = Field(4, ge=0)  # image embedding as context tokens
     cond_dim: int = Field(128, ge=8)  # width of the context tokens
+    # Width of CLIP's per-token text encodings, projected into the context tokens (GLIDE and
+    # DALL-E 2 condition the decoder on the caption as well); None = the unet reads no text.
+    text_token_dim: int | None = Field(None, ge=1)
     lowres_cond: bool = False  # upsampler: concatenates the upsampled low-res image
     fold: int = Field(1, ge=1)  # pixel-unshuffle factor at the input (1 = none)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -225,6 +228,9 @@ class DecoderStageConfig(_Strict):
     unet: UNetConfig = UNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     cond_drop_prob: float = Field(0.1, ge=0, le=1)
+    # DALL-E 2 drops the caption half of the time: the unet still draws from the image
+    # embedding alone (variations, prompts whose tokens it never saw)
+    text_drop_prob: float = Field(0.5, ge=0, le=1)
     lowres_noise_level: float = Field(0.2, ge=0, lt=1)  # max aug noise level (0..1 of T)
     lowres_sample_noise_level: float = Field(0.1, ge=0, lt=1)  # aug level used at sampling
     lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)  # Gaussian blur range in training
@@ -279,6 +285,11 @@ class UnclipConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
 
+    @property
+    def reads_text_tokens(self) -> bool:
+        """Whether any model reads CLIP's per-token text encodings (embeddings store them)."""
+        return self.prior.use_text_tokens or any(s.unet.text_token_dim for s in self.decoder)
+
     @model_validator(mode="after")
     def _check(self) -> UnclipConfig:
         if not self.decoder:
@@ -308,12 +319,20 @@ def check_widths(cfg: UnclipConfig, embed_dim: int, token_width: int | None, whe
                 f"decoder.{i}.unet.image_embed_dim is {stage.unet.image_embed_dim} but the CLIP "
                 f"embeds in {embed_dim} dimensions ({where}); set it to {embed_dim}"
             )
+    if token_width is None:
+        return
     net = cfg.prior.net
-    if cfg.prior.use_text_tokens and token_width is not None and net.text_token_dim != token_width:
+    if cfg.prior.use_text_tokens and net.text_token_dim != token_width:
         raise ValueError(
             f"prior.use_text_tokens reads CLIP's text tokens, {token_width} wide ({where}), but "
             f"prior.net.text_token_dim is {net.text_token_dim}; set it to {token_width}"
         )
+    for i, stage in enumerate(cfg.decoder):
+        if stage.unet.text_token_dim not in (None, token_width):
+            raise ValueError(
+                f"decoder.{i}.unet.text_token_dim is {stage.unet.text_token_dim} but CLIP's "
+                f"text tokens are {token_width} wide ({where}); set it to {token_width}"
+            )
 
 
 def _describe(err: ValidationError) -> str:

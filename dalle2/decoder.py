@@ -1,11 +1,12 @@
 """The decoder: a cascade of independently trained diffusion unets.
 
-Stage 1 draws a small image from a CLIP image embedding; each later stage upsamples the
-previous stage's image. Upsamplers train on ground-truth low-res images that are blurred
-and noised, so that they forgive the artefacts of the stage before them.
+Stage 1 draws a small image from a CLIP image embedding (and, when its unet reads text,
+CLIP's per-token caption encodings); each later stage upsamples the previous stage's image.
+Upsamplers train on ground-truth low-res images that are blurred and noised, so that they
+forgive the artefacts of the stage before them.
 
-    loss = stage.loss(images, image_embed)            # images in [-1, 1] at any size
-    images = Decoder(stages).sample(image_embed)      # (B, 3, H, W) in [0, 1]
+    loss = stage.loss(images, image_embed, text_tokens, text_mask)  # images in [-1, 1]
+    images = Decoder(stages).sample(image_embed, text_tokens, text_mask)  # in [0, 1]
 """
 
 from __future__ import annotations
@@ -57,14 +58,25 @@ class DecoderStage(nn.Module):
     def is_upsampler(self) -> bool:
         return self.cfg.lowres_size is not None
 
+    @property
+    def reads_text(self) -> bool:
+        return self.cfg.unet.text_token_dim is not None
+
     def _augment_lowres(self, lowres: Tensor, level: Tensor, noise: Tensor | None) -> Tensor:
         """Noise a low-res image (already at this stage's size) to augmentation `level`."""
         t = (level * (self.process.num_steps - 1)).round().long()
         noise = torch.randn_like(lowres) if noise is None else noise
         return self.process.q_sample(lowres, t, noise)
 
-    def loss(self, images: Tensor, image_embed: Tensor) -> Tensor:
-        """Diffusion loss for images (B, 3, H, W) in [-1, 1]; resized to this stage's size."""
+    def loss(
+        self,
+        images: Tensor,
+        image_embed: Tensor,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Diffusion loss for images (B, 3, H, W) in [-1, 1]; resized to this stage's size.
+        Text (B, L, D) tokens and (B, L) mask are read only by a stage whose unet reads text."""
         cfg = self.cfg
         target = resize(images, cfg.image_size)
         b = target.shape[0]
@@ -80,9 +92,13 @@ class DecoderStage(nn.Module):
             target, lowres = self._crop(target, lowres, cfg.random_crop)
         drop = torch.rand(b, device=target.device) < cfg.cond_drop_prob
         embed = scale_embed(image_embed)
+        text: dict[str, Tensor | None] = {}
+        if self.reads_text:
+            drop_text = torch.rand(b, device=target.device) < cfg.text_drop_prob
+            text = {"text_tokens": text_tokens, "text_mask": text_mask, "drop_text": drop_text}
 
         def model(x: Tensor, t: Tensor) -> Tensor:
-            return self.unet(x, t, embed, lowres, level, drop_cond=drop)
+            return self.unet(x, t, embed, lowres, level, drop_cond=drop, **text)
 
         return self.process.training_loss(model, target)
 
@@ -100,11 +116,14 @@ class DecoderStage(nn.Module):
         image_embed: Tensor,
         lowres: Tensor | None = None,
         *,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
         cfg: SampleConfig | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """(B, 3, S, S) images in [-1, 1]; `lowres` (B, 3, s, s) in [-1, 1] for upsamplers."""
+        """(B, 3, S, S) images in [-1, 1]; `lowres` (B, 3, s, s) in [-1, 1] for upsamplers.
+        Without text a text-reading stage draws from the image embedding alone."""
         cfg = cfg or self.cfg.sample
         b = image_embed.shape[0]
         size = self.cfg.image_size
@@ -118,12 +137,13 @@ class DecoderStage(nn.Module):
             lowres = self._augment_lowres(resize(lowres, size), level, noise)
         embed = scale_embed(image_embed)
         keep = torch.zeros(b, dtype=torch.bool, device=device)
+        text = {"text_tokens": text_tokens, "text_mask": text_mask} if self.reads_text else {}
 
         def cond(x: Tensor, t: Tensor) -> Tensor:
-            return self.unet(x, t, embed, lowres, level, drop_cond=keep)
+            return self.unet(x, t, embed, lowres, level, drop_cond=keep, **text)
 
         def uncond(x: Tensor, t: Tensor) -> Tensor:
-            return self.unet(x, t, embed, lowres, level, drop_cond=~keep)
+            return self.unet(x, t, embed, lowres, level, drop_cond=~keep, **text)
 
         model = cond
         if cfg.guidance_scale != 1.0:
@@ -152,10 +172,16 @@ class Decoder(nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(stages)
 
+    @property
+    def reads_text(self) -> bool:
+        return any(stage.reads_text for stage in self.stages)
+
     @torch.no_grad()
     def sample(
         self,
         image_embed: Tensor,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
         *,
         cfgs: Sequence[SampleConfig | None] | None = None,
         generator: torch.Generator | None = None,
@@ -166,7 +192,13 @@ class Decoder(nn.Module):
         images = None
         for stage, cfg in zip(self.stages, cfgs, strict=True):
             images = stage.sample(
-                image_embed, images, cfg=cfg, generator=generator, progress=progress
+                image_embed,
+                images,
+                text_tokens=text_tokens,
+                text_mask=text_mask,
+                cfg=cfg,
+                generator=generator,
+                progress=progress,
             )
         return (images + 1) / 2
 

@@ -34,7 +34,7 @@ def _stage(st: DecoderStageConfig) -> str:
     size = f"{st.lowres_size} -> {st.image_size} px upsampler" if st.lowres_size else ""
     return (
         f"{size or f'{st.image_size} px base'}, unet dim {u.dim} x {list(u.dim_mults)}, "
-        f"predicts {st.diffusion.prediction}"
+        f"predicts {st.diffusion.prediction}{', reads caption tokens' if u.text_token_dim else ''}"
     )
 
 

@@ -46,7 +46,7 @@ def unclip_pipeline(config: dict[str, Any]) -> None:
     else:
         clip = load_pretrained_clip(cfg.clip, after="download_images")
     embeddings = compute_clip_embeddings(
-        dataset, clip, cfg.clip.embed_batch_size, cfg.prior.use_text_tokens, **run
+        dataset, clip, cfg.clip.embed_batch_size, cfg.reads_text_tokens, **run
     )
     prior = train_prior(cfg.prior, cfg.data, embeddings, **run)
     unets = [

@@ -36,13 +36,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def write_shard_set(
-    root: Path, shards: int, per_shard: int, *, size: int = 8, embed_dim: int = 4, captions: int = 0
+    root: Path,
+    shards: int,
+    per_shard: int,
+    *,
+    size: int = 8,
+    embed_dim: int = 4,
+    captions: int = 0,
+    token_width: int = 0,
 ) -> tuple[Path, Path]:
     """Image shards as img2dataset lays them out, plus aligned embedding shards.
 
     Sample n has key f"{n:09d}", a flat image of grey level n % 256, caption "c{n}" (or
     "c{n % captions}" when captions > 0) and image_embed row [n, n, ...]: any reader that
-    mixes rows up shows it.
+    mixes rows up shows it. token_width > 0 adds 4 text tokens of that width per sample.
     """
     import io
     import tarfile
@@ -70,9 +77,11 @@ def write_shard_set(
                 caps.append(cap)
                 n += 1
         rows = np.array([[int(k)] * embed_dim for k in keys], np.float16)
-        write_embedding_shard(
-            emb_dir, f"{s:05d}", keys, caps, {"image_embed": rows, "text_embed": rows}
-        )
+        arrays = {"image_embed": rows, "text_embed": rows}
+        if token_width:
+            tokens = np.broadcast_to(rows[:, :1, None], (len(keys), 4, token_width))
+            arrays |= {"text_tokens": tokens.copy(), "text_mask": np.ones((len(keys), 4), bool)}
+        write_embedding_shard(emb_dir, f"{s:05d}", keys, caps, arrays)
     return shard_dir, emb_dir
 
 

@@ -78,6 +78,10 @@ BROKEN_CONFIGS: dict[str, tuple[list[Patch], str]] = {
         [_set("prior.use_text_tokens", True), _set("prior.net.text_token_dim", 8)],
         "prior.net.text_token_dim is 8; set it to 32",
     ),
+    "unet token width": (
+        [_set("decoder.0.unet.text_token_dim", 8)],
+        "decoder.0.unet.text_token_dim is 8 but CLIP's text tokens are 32 wide",
+    ),
     "pretrained embed dim": (
         [_pretrained, _local_clip((48, 32))],
         "CLIP embeds in 48 dimensions",

@@ -29,7 +29,10 @@ def _tiny_decoder(num_processes: int) -> dict:
 
 
 def _train(tmp_path, num_processes: int) -> tuple[list[tuple[int, float]], object]:
-    shard_dir, emb_dir = write_shard_set(tmp_path / str(num_processes), 8, 24, size=16)
+    # tiny.yaml's base unet reads 32-wide caption tokens
+    shard_dir, emb_dir = write_shard_set(
+        tmp_path / str(num_processes), 8, 24, size=16, token_width=32
+    )
     logged: list[tuple[int, float]] = []
     cfg = parse_config(_tiny_decoder(num_processes))
     artifact, result = train_stage(

@@ -67,6 +67,29 @@ def test_unet_dropped_condition_ignores_the_embedding() -> None:
     assert not torch.allclose(net(x, t, e1), net(x, t, e2), atol=1e-4)
 
 
+@pytest.mark.parametrize("num_image_tokens", [0, 2])
+def test_unet_reads_the_caption_tokens_it_may_see(num_image_tokens: int) -> None:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**{**TINY, "num_image_tokens": num_image_tokens}, text_token_dim=8))
+    for p in net.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x, t, e = torch.randn(2, 3, 16, 16), torch.tensor([10, 10]), torch.randn(2, 16)
+    tokens, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
+    padded = tokens.clone()
+    padded[:, 3:] = torch.randn(2, 2, 8)  # only where the mask hides them
+    out = net(x, t, e, text_tokens=tokens, text_mask=mask)
+    assert torch.allclose(out, net(x, t, e, text_tokens=padded, text_mask=mask), atol=1e-6)
+    assert not torch.allclose(out, net(x, t, e, text_tokens=torch.randn(2, 5, 8), text_mask=mask))
+    no_text = net(x, t, e)
+    drop = torch.tensor([True, True])
+    dropped = net(x, t, e, text_tokens=tokens, text_mask=mask, drop_text=drop)
+    assert torch.allclose(dropped, no_text, atol=1e-6) and not torch.allclose(out, no_text)
+    null = net(x, t, torch.randn(2, 16), text_tokens=tokens, drop_cond=drop)
+    assert torch.allclose(null, net(x, t, e, drop_cond=drop), atol=1e-6)
+    with pytest.raises(ValueError, match="reads no text"):
+        UNet(UNetConfig(**TINY))(x, t, e, text_tokens=tokens)
+
+
 def test_unet_bf16_autocast_forward_backward_is_finite() -> None:
     net = UNet(UNetConfig(**TINY, fold=2))
     with torch.autocast("cpu", dtype=torch.bfloat16):

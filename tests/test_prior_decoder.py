@@ -123,6 +123,33 @@ def test_decoder_stages_train_and_cascade() -> None:
     assert out.shape == (4, 3, 16, 16) and out.min() >= 0 and out.max() <= 1
 
 
+def test_decoder_stage_draws_what_the_caption_tokens_say() -> None:
+    """One image embedding for four flat colours: only the caption tokens tell them apart."""
+    torch.manual_seed(0)
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
+    images = colours[:, :, None, None].expand(-1, -1, 8, 8).contiguous()
+    embed = torch.randn(1, 16).expand(4, -1)
+    tokens, mask = torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.bool)
+    cfg = DecoderStageConfig(
+        image_size=8,
+        unet=UNetConfig(**UNET, text_token_dim=8),
+        diffusion=DiffusionConfig(num_steps=100, prediction="x0"),
+        cond_drop_prob=0.0,
+        text_drop_prob=0.0,
+        train=TrainConfig(
+            steps=300, batch_size=4, lr=3e-3, warmup_steps=10, ema_decay=0.9, precision="fp32"
+        ),
+        sample=SampleConfig(sampler="ddim", steps=10, guidance_scale=1.0),
+    )
+    batch = (images, embed, tokens, mask)
+    trainer = Trainer(DecoderStage(cfg), cfg.train, lambda m, b: m.loss(*b), progress=False)
+    trainer.fit(iter(lambda: batch, None))
+    stage = trainer.ema.eval()
+    gen = torch.Generator().manual_seed(0)
+    drawn = stage.sample(embed, text_tokens=tokens, text_mask=mask, generator=gen).mean((2, 3))
+    assert (torch.cdist(drawn, colours).argmin(dim=1) == torch.arange(4)).all(), drawn
+
+
 def test_blur_keeps_flat_images_flat_and_smooths_edges() -> None:
     flat = torch.full((2, 3, 8, 8), 0.3)
     assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5, 1.0])), flat, atol=1e-6)

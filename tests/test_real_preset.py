@@ -99,7 +99,14 @@ def shrunk(url_list: Path, clip_dir: Path) -> dict[str, Any]:
         "decoder": [
             {
                 "image_size": 16,  # the preset's 64 px base
-                "unet": {**unet, "attn_levels": [1], "heads": 2, "dim_head": 8, "cond_dim": 16},
+                "unet": {
+                    **unet,
+                    "attn_levels": [1],
+                    "heads": 2,
+                    "dim_head": 8,
+                    "cond_dim": 16,
+                    "text_token_dim": TOKEN_WIDTH,
+                },
                 "train": {**TRAIN, "batch_size": 4, "num_processes": 1},
                 "sample": {"steps": 4},
             },

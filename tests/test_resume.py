@@ -56,7 +56,9 @@ def _train(shards, ckpt: Path | None, callback=None, num_processes: int = 1) -> 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_shard_set(tmp_path_factory.mktemp("shards"), 3, 30, size=16, captions=7)
+    return write_shard_set(
+        tmp_path_factory.mktemp("shards"), 3, 30, size=16, captions=7, token_width=32
+    )
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ NUM = 3
 
 
 def train_on_two_colours(steps: int) -> tuple[OpenClip, DecoderStage]:
-    """tiny.yaml's base stage fitted to flat red and blue images, keyed by their embeddings."""
+    """tiny.yaml's base stage fitted to flat red and blue images, keyed by their embeddings
+    alone (a variation has no caption: the stage here reads none)."""
     cfg = load_config(TINY)
     torch.manual_seed(0)
     clip = build_scratch_clip(cfg.clip.tower, ["a red square", "a blue square"]).eval()
@@ -36,7 +37,10 @@ def train_on_two_colours(steps: int) -> tuple[OpenClip, DecoderStage]:
     )
     with torch.no_grad():
         embed = clip.encode_image(src).float()
-    stage = DecoderStage(cfg.decoder[0])
+    base = cfg.decoder[0]
+    stage = DecoderStage(
+        base.model_copy(update={"unet": base.unet.model_copy(update={"text_token_dim": None})})
+    )
     opt = torch.optim.Adam(stage.parameters(), lr=2e-3)
     for _ in range(steps):
         pick = torch.randint(0, 2, (8,))

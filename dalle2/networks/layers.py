@@ -177,11 +177,18 @@ class SpatialAttention(nn.Module):
         self.norm = group_norm(ch)
         self.attn = Attention(ch, heads, dim_head, context_dim=context_dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """(B, C, H, W), optional (B, S, context_dim) -> (B, C, H, W)."""
-        h = x.shape[2]
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """(B, C, H, W), optional (B, S, context_dim) and (B, S) bool (True = may be read)
+        -> (B, C, H, W)."""
+        h, w = x.shape[2:]
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, HW, C)
-        out = self.attn(tokens, context)  # (B, HW, C)
+        attn_mask = None
+        if context_mask is not None:  # context keys come first, then every pixel's own
+            pixels = context_mask.new_ones(x.shape[0], h * w)
+            attn_mask = torch.cat([context_mask, pixels], dim=1)[:, None, None]  # (B,1,1,S+HW)
+        out = self.attn(tokens, context, attn_mask)  # (B, HW, C)
         return x + rearrange(out, "b (h w) c -> b c h w", h=h)
 
 

@@ -2,8 +2,11 @@
 
 The image embedding enters twice, as in unCLIP (Ramesh et al. 2022): added to the time
 embedding (scale-shift in every resblock), and as a few context tokens that the attention
-blocks attend to. Upsampler stages also get the previous stage's image concatenated to
-the input. `fold` pixel-unshuffles the input so that, e.g., a 32px stage convolves at 16px.
+blocks attend to. With `text_token_dim`, CLIP's per-token caption encodings join those
+context tokens (GLIDE's and DALL-E 2's text conditioning), after a learned null token that
+stands for "no caption" when it is dropped or absent. Upsampler stages also get the previous
+stage's image concatenated to the input. `fold` pixel-unshuffles the input so that, e.g., a
+32px stage convolves at 16px.
 
 Layout: level i works at resolution H / fold / 2**i; its up path (decoder) has
 C_i = dim * dim_mults[i] channels. Channel changes happen in the down/up-samplers, so the
@@ -78,17 +81,22 @@ class UNet(nn.Module):
         dec = [cfg.dim * m for m in cfg.dim_mults]  # up-path width per level
         efficient = cfg.layout == "efficient"
         enc = [dec[0], *dec[:-1]] if efficient else dec  # down-path width per level
-        ctx = cfg.cond_dim if cfg.num_image_tokens > 0 else None
+        ctx = cfg.cond_dim if cfg.num_image_tokens > 0 or cfg.text_token_dim else None
 
         # conditioning
         self.time_embed = TimestepEmbedding(cfg.dim, emb_dim)
         self.image_to_emb = nn.Linear(cfg.image_embed_dim, emb_dim)
         self.null_emb = nn.Parameter(torch.zeros(emb_dim))
         self.aug_embed = TimestepEmbedding(cfg.dim, emb_dim) if cfg.lowres_cond else None
-        if ctx is not None:
+        if cfg.num_image_tokens > 0:
             self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.num_image_tokens * ctx)
             self.context_norm = nn.LayerNorm(ctx)
             self.null_tokens = nn.Parameter(torch.randn(cfg.num_image_tokens, ctx) * 0.02)
+        if cfg.text_token_dim:
+            self.text_to_context = nn.Sequential(
+                nn.LayerNorm(cfg.text_token_dim), nn.Linear(cfg.text_token_dim, cfg.cond_dim)
+            )
+            self.null_text = nn.Parameter(torch.randn(1, cfg.cond_dim) * 0.02)
 
         def level(i: int, in_chs: list[int], ch: int, merge_ch: int | None = None) -> Level:
             attn = i in cfg.attn_levels
@@ -131,7 +139,7 @@ class UNet(nn.Module):
         aug_level: Tensor | None,
         drop: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Activated embedding for the resblocks (B, emb) and context tokens (B, S, cond)."""
+        """Activated embedding for the resblocks (B, emb) and image tokens (B, S, cond)."""
         cond = self.image_to_emb(image_embed)  # (B, emb)
         if drop is not None:
             cond = torch.where(drop[:, None], self.null_emb.to(cond.dtype), cond)
@@ -155,6 +163,27 @@ class UNet(nn.Module):
                 )
         return F.silu(emb), context
 
+    def _with_text(
+        self,
+        context: Tensor | None,
+        text_tokens: Tensor | None,
+        text_mask: Tensor | None,
+        drop: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Image tokens + null text token + caption tokens (B, S, cond), and which of them
+        attention may read (B, S): a dropped caption leaves the null token alone."""
+        b = drop.shape[0]
+        null = self.null_text.expand(b, -1, -1)  # (B, 1, cond)
+        parts = [null] if context is None else [context, null.to(context.dtype)]
+        keep = [torch.ones(b, sum(p.shape[1] for p in parts), dtype=torch.bool, device=drop.device)]
+        if text_tokens is not None:
+            parts.append(self.text_to_context(text_tokens).to(parts[0].dtype))  # (B, L, cond)
+            mask = torch.ones_like(text_tokens[..., 0], dtype=torch.bool)
+            if text_mask is not None:
+                mask = text_mask.bool()
+            keep.append(mask & ~drop[:, None])
+        return torch.cat(parts, dim=1), torch.cat(keep, dim=1)
+
     def _check_lowres(self, x: Tensor, lowres: Tensor | None) -> None:
         if self.cfg.lowres_cond and lowres is None:
             raise ValueError(
@@ -177,6 +206,9 @@ class UNet(nn.Module):
         lowres: Tensor | None = None,
         lowres_aug_level: Tensor | None = None,
         drop_cond: Tensor | None = None,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        drop_text: Tensor | None = None,
     ) -> Tensor:
         """Predict from a noised image (B, C, H, W) -> (B, C or 2C, H, W).
 
@@ -186,7 +218,12 @@ class UNet(nn.Module):
             image_embed: (B, image_embed_dim) CLIP image embedding.
             lowres: previous stage's image at x's size; required iff cfg.lowres_cond.
             lowres_aug_level: (B,) noise-augmentation level in [0, 1] (zeros if None).
-            drop_cond: (B,) bool; True swaps the image conditioning for learned nulls.
+            drop_cond: (B,) bool; True swaps the image conditioning (and the caption) for
+                learned nulls.
+            text_tokens: (B, L, text_token_dim) CLIP per-token caption encodings; None = no
+                caption (only for a unet built with text_token_dim).
+            text_mask: (B, L) bool, True for real tokens.
+            drop_text: (B,) bool; True hides the caption alone.
         """
         self._check_lowres(x, lowres)
         if lowres is not None:
@@ -197,6 +234,14 @@ class UNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         emb, context = self._conditioning(t, image_embed, lowres_aug_level, drop_cond)
+        context_mask = None
+        if self.cfg.text_token_dim:
+            drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            for d in (drop_cond, drop_text):
+                drop = drop if d is None else drop | d
+            context, context_mask = self._with_text(context, text_tokens, text_mask, drop)
+        elif text_tokens is not None:
+            raise ValueError("this UNet reads no text (unet.text_token_dim is unset)")
 
         h = self.init_conv(x)  # (B, enc_0, h, w)
         skips = []
@@ -204,12 +249,12 @@ class UNet(nn.Module):
             for j, block in enumerate(down.blocks):
                 h = block(h, emb)
                 if down.attns:
-                    h = down.attns[j](h, context)
+                    h = down.attns[j](h, context, context_mask)
                 skips.append(h)
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)  # (B, enc_{i+1}, h / 2, w / 2)
         h = self.mid1(self.widen(h), emb)  # (B, dec_last, h, w)
-        h = self.mid_attn(h, context)
+        h = self.mid_attn(h, context, context_mask)
         h = self.mid2(h, emb)
         for i, up in enumerate(self.ups):
             for j, block in enumerate(up.blocks):
@@ -218,7 +263,7 @@ class UNet(nn.Module):
                     h = up.merges[j](h)  # (B, dec_i, h, w)
                 h = block(h, emb)  # (B, dec_i, h, w)
                 if up.attns:
-                    h = up.attns[j](h, context)
+                    h = up.attns[j](h, context, context_mask)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)  # (B, dec_{i-1}, 2h, 2w)
         out = self.out_conv(F.silu(self.out_norm(h)))  # (B, C_out * f * f, h, w)

@@ -1,4 +1,4 @@
-"""One decoder unet: CLIP image embedding (and the previous stage's image) -> image."""
+"""One decoder unet: CLIP image embedding (caption tokens, previous stage's image) -> image."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from dalle2.trainer import TrainResult
 
 
 def model_inputs(batch: D.Batch, _rng: torch.Generator) -> D.Batch:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], in the loader worker."""
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], in the loader worker; stored
+    float16 embeddings (and text tokens) -> float32."""
     images = batch["image"].permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return {"image": images.contiguous(), "image_embed": batch["image_embed"].float()}
+    out = {"image": images.contiguous(), "image_embed": batch["image_embed"].float()}
+    if "text_tokens" in batch:
+        out |= {"text_tokens": batch["text_tokens"].float(), "text_mask": batch["text_mask"]}
+    return out
 
 
 def fit_decoder_stage(
@@ -25,10 +29,13 @@ def fit_decoder_stage(
     """Train stage `index` on the training pairs; stages are independent of each other."""
     seed_everything(s.train.seed)
     stage = DecoderStage(s)
-    batches = stream(shard_dir, emb_dir, s.train, data, run, transform=model_inputs)
+    reads_text = stage.reads_text
+    batches = stream(
+        shard_dir, emb_dir, s.train, data, run, text_tokens=reads_text, transform=model_inputs
+    )
 
     def loss_fn(model: torch.nn.Module, b: D.Batch) -> torch.Tensor:
-        return model(b["image"], b["image_embed"])
+        return model(b["image"], b["image_embed"], b.get("text_tokens"), b.get("text_mask"))
 
     ema, result = fit(stage, s.train, loss_fn, batches, data, run, f"train_decoder_unet_{index}")
     return ema, result

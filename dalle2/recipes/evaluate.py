@@ -50,10 +50,11 @@ def generate(
     chunks = range(0, len(captions), batch_size)
     for start in tqdm(chunks, desc="sample", disable=not progress):
         caps = captions[start : start + batch_size]
-        enc = clip.encode_text(caps, with_tokens=prior.cfg.use_text_tokens)
+        enc = clip.encode_text(caps, with_tokens=prior.cfg.use_text_tokens or decoder.reads_text)
+        tokens = None if enc.tokens is None else enc.tokens.float()
         with autocast(device, dtype):
-            embed = prior.sample(enc.embed.float(), enc.tokens, enc.mask, generator=gen)
-            images = decoder.sample(embed, cfgs=decoder_cfgs, generator=gen)
+            embed = prior.sample(enc.embed.float(), tokens, enc.mask, generator=gen)
+            images = decoder.sample(embed, tokens, enc.mask, cfgs=decoder_cfgs, generator=gen)
         if not bool(torch.isfinite(images).all() and torch.isfinite(embed).all()):
             raise NonFiniteOutputError(
                 f"sampling produced NaN or infinite values for prompts {start}.."
