@@ -33,38 +33,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dalle2 import data as D
 from dalle2 import synthetic
 from dalle2.cli import _model_dir, load_pipeline_models
 from dalle2.config import parse_config
 from dalle2.evaluation import to_uint8
-from dalle2.recipes.evaluate import generate
+from dalle2.recipes.evaluate import eval_pairs, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("color", "shape", "size", "background", "all")
-
-
-def prompts(shard_dir: Path, holdout: D.Holdout, split: D.Split, n: int) -> D.Batch:
-    """n pairs of `split`, taken in turn over its distinct captions (as evaluate does)."""
-    pool = D.take(
-        D.ShardStream(
-            shard_dir,
-            None,
-            batch_size=64,
-            split=split,
-            holdout=holdout,
-            shuffle_buffer=0,
-            epochs=1,
-            drop_last=False,
-        ),
-        4 * n,
-    )
-    by_caption: dict[str, list[int]] = {}
-    for i, caption in enumerate(pool["caption"]):
-        by_caption.setdefault(caption, []).append(i)
-    turns = itertools.zip_longest(*by_caption.values())
-    order = [i for turn in turns for i in turn if i is not None][:n]
-    return {"caption": [pool["caption"][i] for i in order], "image": pool["image"][order]}
 
 
 def fidelity(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
@@ -94,13 +70,13 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     cfg = parse_config(yaml.safe_load(Path(args.config).read_text())["parameters"]["config"])
-    holdout = D.Holdout.of(cfg.data)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
     shard_dir = Path(args.data) if args.data else next((ROOT / "data").glob("*/"))
     with tempfile.TemporaryDirectory() as tmp:
         clip, prior, decoder = load_pipeline_models(_model_dir(args, Path(tmp)))
     clip.eval(), prior.eval(), decoder.eval()
     cpu = torch.device("cpu")
-    sets = {s: prompts(shard_dir, holdout, s, args.prompts) for s in ("holdout", "train")}
+    sets = {s: eval_pairs(cfg, shard_dir, None, s) for s in ("holdout", "train")}
     print(f"model: {args.model or args.checkpoint or args.run or 'latest run'}; data {shard_dir}")
     print(f"{args.prompts} prompts per split; fidelity in % (held-out = captions never trained on)")
     print()

@@ -178,10 +178,9 @@ class UNet(nn.Module):
         keep = [torch.ones(b, sum(p.shape[1] for p in parts), dtype=torch.bool, device=drop.device)]
         if text_tokens is not None:
             parts.append(self.text_to_context(text_tokens).to(parts[0].dtype))  # (B, L, cond)
-            mask = torch.ones_like(text_tokens[..., 0], dtype=torch.bool)
-            if text_mask is not None:
-                mask = text_mask.bool()
-            keep.append(mask & ~drop[:, None])
+            real = torch.ones_like(text_tokens[..., 0], dtype=torch.bool)
+            real = real if text_mask is None else text_mask.bool()
+            keep.append(real & ~drop[:, None])
         return torch.cat(parts, dim=1), torch.cat(keep, dim=1)
 
     def _check_lowres(self, x: Tensor, lowres: Tensor | None) -> None:
@@ -237,8 +236,9 @@ class UNet(nn.Module):
         context_mask = None
         if self.cfg.text_token_dim:
             drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            for d in (drop_cond, drop_text):
-                drop = drop if d is None else drop | d
+            for dropped in (drop_cond, drop_text):
+                if dropped is not None:
+                    drop = drop | dropped
             context, context_mask = self._with_text(context, text_tokens, text_mask, drop)
         elif text_tokens is not None:
             raise ValueError("this UNet reads no text (unet.text_token_dim is unset)")

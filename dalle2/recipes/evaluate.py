@@ -66,9 +66,10 @@ def generate(
     return torch.cat(out_images), torch.cat(out_embeds)
 
 
-def eval_pairs(cfg: UnclipConfig, shard_dir: Path, emb_dir: Path, split: D.Split) -> D.Batch:
+def eval_pairs(cfg: UnclipConfig, shard_dir: Path, emb_dir: Path | None, split: D.Split) -> D.Batch:
     """eval.num_prompts pairs of `split` to prompt with, spread over its distinct captions
-    (taken in turn, in shard order), with their images and embeddings; {} when empty."""
+    (taken in turn, in shard order), with their images (and embeddings, given emb_dir);
+    {} when empty."""
     pool = D.take(
         D.ShardStream(
             shard_dir,
