@@ -143,10 +143,60 @@ class UNetConfig(_Strict):
 # ----------------------------------------------------------------------------- stages
 
 
+class EmojiConfig(_Strict):
+    """Which emoji art the `emoji` source builds (dalle2/emoji.py)."""
+
+    # noto (Google), twemoji (Twitter), fluent (Microsoft), openmoji; each caption ends in
+    # ", {style} style", so a style can be asked for
+    styles: tuple[Literal["noto", "twemoji", "fluent", "openmoji"], ...] = (
+        "noto",
+        "twemoji",
+        "fluent",
+        "openmoji",
+    )
+    flags: bool = True  # the 270 country and region flags (many tricolours alike at 32 px)
+
+    @model_validator(mode="after")
+    def _check(self) -> EmojiConfig:
+        if not self.styles or len(set(self.styles)) != len(self.styles):
+            raise ValueError("styles must name at least one style, each once")
+        return self
+
+
+class HoldoutRule(_Strict):
+    """Also hold out the captions matching `match`, a share of their groups at a time.
+
+    A caption's group is the caption with `group_ignore` removed, so every caption of a
+    held group is held together: match ": dark skin tone, " with group_ignore
+    ", [a-z]+ style$" withholds the dark skin tone of a share of the emoji in every style,
+    while their other tones and the dark tone of other emoji are trained on.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")  # metrics: unseen_{name}/...
+    match: str  # a regular expression searched in the caption
+    fraction: float = Field(gt=0, le=1)  # share of the matching groups held out
+    group_ignore: str | None = None  # a regular expression removed to name the group
+
+    @model_validator(mode="after")
+    def _check(self) -> HoldoutRule:
+        import re
+
+        for key in ("match", "group_ignore"):
+            value = getattr(self, key)
+            try:
+                re.compile(value or "")
+            except re.error as err:
+                raise ValueError(f"{key} {value!r} is not a regular expression ({err})") from None
+        return self
+
+
 class DataConfig(_Strict):
     """Where images come from and how img2dataset fetches them."""
 
-    url_list: str | None = None  # parquet/csv/tsv with url+caption; None = shapes64
+    # a built-in source when url_list is null: shapes64 (drawn here) or emoji (npm art)
+    source: Literal["shapes64", "emoji"] = "shapes64"
+    emoji: EmojiConfig = EmojiConfig()
+    url_list: str | None = None  # parquet/csv/tsv with url+caption; None = the source
     url_col: str = "url"
     caption_col: str = "caption"
     num_synthetic: int = Field(4000, ge=1)  # shapes64 size when url_list is None
@@ -167,11 +217,23 @@ class DataConfig(_Strict):
     # the pairs for datasets whose captions never repeat; see data.Holdout
     holdout: Literal["captions", "pairs"] = "captions"
     holdout_fraction: float = Field(0.05, ge=0, lt=1)
+    holdout_rules: tuple[HoldoutRule, ...] = ()  # further held-out sets, each measured apart
     shuffle_buffer: int = Field(1000, ge=1)  # samples per loader worker mixed before batching
     # DataLoader processes per training process that read, decode and augment; 0 reads in the
     # training process (best on a 2-core CPU, where a worker competes with the training threads)
     loader_workers: int = Field(2, ge=0)
     dvc_push: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.url_list is not None and self.source != "shapes64":
+            raise ValueError(
+                f"data.url_list and data.source {self.source} both name the images; set one of them"
+            )
+        names = [r.name for r in self.holdout_rules]
+        if len(set(names)) != len(names) or "captions" in names or "pairs" in names:
+            raise ValueError(f"holdout_rules names {names} must be distinct, not captions/pairs")
+        return self
 
 
 class ClipTowerConfig(_Strict):
@@ -199,6 +261,9 @@ class ClipConfig(_Strict):
     tower: ClipTowerConfig = ClipTowerConfig()
     train: TrainConfig = TrainConfig(steps=600, batch_size=128, lr=1e-3, warmup_steps=50)
     unique_captions_per_batch: bool = True  # no false negatives in the contrastive loss
+    # horizontal flips in CLIP training; off where the caption says which way (emoji's
+    # "facing right", flags, letters)
+    random_flip: bool = True
     embed_batch_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")
@@ -402,6 +467,13 @@ def check_resources(cfg: UnclipConfig) -> None:
     a pretrained CLIP's sizes agree with the prior's and unets' (ConfigError otherwise)."""
     if cfg.data.url_list is not None:
         _must_exist(cfg.data.url_list, "data.url_list", "point it at your URL list")
+    elif cfg.data.source == "emoji":
+        from dalle2 import emoji
+
+        try:
+            emoji.check_fetchable(cfg.data.emoji.styles)
+        except emoji.EmojiError as err:
+            raise ConfigError(str(err)) from None
     weights = cfg.clip.pretrained_weights
     if weights and (Path(weights).suffix or "/" in weights or weights.startswith(".")):
         _must_exist(weights, "clip.pretrained_weights", "point it at a local weight file")

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import os
 import random
+import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torchvision.io import decode_image as decode_image_bytes
 from webdataset.utils import pytorch_worker_info
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-Split = Literal["train", "holdout", "all"]
+Split = str  # "train", "holdout", "holdout:{set}" (Holdout.sets) or "all"
 INDEX_CACHE_SAMPLES = 500_000  # tar index entries a reader keeps (~100 MB): bounded memory
 Sample = dict[str, Any]
 Batch = dict[str, Any]
@@ -70,6 +71,11 @@ class AlignmentError(RuntimeError):
 # ----------------------------------------------------------------------------- split
 
 
+def _hash_below(text: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
 @dataclass(frozen=True)
 class Holdout:
     """Which pairs are held out of training: the one place the split is decided.
@@ -77,28 +83,50 @@ class Holdout:
     `by="captions"` withholds a share of the distinct captions (every image of a held-out
     caption is unseen by CLIP, the prior and every unet, so evaluation asks for prompts the
     models never read); `by="pairs"` withholds a share of the pairs, for datasets whose
-    captions never repeat. A hash, not a permutation: every step, process and worker agrees
-    without a pass over the data, and adding shards does not move existing pairs.
+    captions never repeat. `rules` (data.holdout_rules) hold out further sets, each a
+    share of the groups of captions matching a pattern (one skin tone of a set of
+    gestures, in every style), measured under their own names. A hash, not a
+    permutation: every step, process and worker agrees without a pass over the data, and
+    adding shards does not move existing pairs.
     """
 
     fraction: float = 0.0
     by: Literal["captions", "pairs"] = "captions"
+    rules: tuple[Any, ...] = ()  # config.HoldoutRule: name, match, fraction, group_ignore
 
     @classmethod
     def of(cls, data: Any) -> Holdout:
-        """The split a DataConfig names (data.holdout_fraction, data.holdout)."""
-        return cls(data.holdout_fraction, data.holdout)
+        """The split a DataConfig names (data.holdout_fraction, data.holdout, holdout_rules)."""
+        return cls(data.holdout_fraction, data.holdout, tuple(data.holdout_rules))
+
+    def held_in(self, key: str, caption: str) -> str | None:
+        """The held-out set a pair belongs to (a rule's name, or `by`); None: trained on."""
+        text = " ".join(caption.split())
+        for rule in self.rules:
+            if re.search(rule.match, text):
+                group = re.sub(rule.group_ignore, "", text) if rule.group_ignore else text
+                if _hash_below(f"{rule.name}:{group.casefold()}", rule.fraction):
+                    return rule.name
+        if self.fraction <= 0:
+            return None
+        return (
+            self.by
+            if _hash_below(text.casefold() if self.by == "captions" else key, self.fraction)
+            else None
+        )
 
     def held(self, key: str, caption: str) -> bool:
-        if self.fraction <= 0:
-            return False
-        what = " ".join(caption.split()).casefold() if self.by == "captions" else key
-        digest = hashlib.blake2b(what.encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") < self.fraction * 2**64
+        return self.held_in(key, caption) is not None
 
     def keeps(self, split: Split, key: str, caption: str) -> bool:
-        """Whether a pair belongs to `split` ("train", "holdout" or "all")."""
-        return split == "all" or self.held(key, caption) == (split == "holdout")
+        """Whether a pair belongs to `split`: "train", "holdout" (any held-out set),
+        "holdout:{set}" (one of them, see `sets`) or "all"."""
+        if split == "all":
+            return True
+        where = self.held_in(key, caption)
+        if split in ("train", "holdout"):
+            return (where is None) == (split == "train")
+        return where == split.removeprefix("holdout:")
 
     @property
     def names(self) -> tuple[str, str]:
@@ -106,6 +134,17 @@ class Holdout:
         if self.by == "captions":
             return "unseen_captions", "seen_captions"
         return "heldout_pairs", "train_pairs"
+
+    @property
+    def sets(self) -> list[tuple[Split, str]]:
+        """(split, metric prefix) of every held-out set, then of the training pairs."""
+        held, seen = self.names
+        if not self.rules:
+            return [("holdout", held), ("train", seen)]
+        rules: list[tuple[Split, str]] = [
+            (f"holdout:{r.name}", f"unseen_{r.name}") for r in self.rules
+        ]
+        return [(f"holdout:{self.by}", held), *rules, ("train", seen)]
 
 
 # ----------------------------------------------------------------------------- image shards

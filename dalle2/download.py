@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dalle2 import synthetic
+from dalle2 import emoji, synthetic
 from dalle2.config import DataConfig
 from dalle2.versioning import (
     LOCK_DIR,
@@ -129,7 +129,16 @@ def source_fingerprint(cfg: DataConfig) -> dict:
         "resize_mode": cfg.resize_mode,
         "encode_format": cfg.encode_format,
     }
-    if cfg.url_list is None:
+    if cfg.url_list is None and cfg.source == "emoji":
+        fp["emoji"] = {
+            "styles": list(cfg.emoji.styles),
+            "flags": cfg.emoji.flags,
+            "packages": [
+                p.integrity for p in (emoji.NAMES, *map(emoji.STYLES.get, cfg.emoji.styles))
+            ],
+            "builder": emoji.BUILDER_VERSION,
+        }
+    elif cfg.url_list is None:
         fp["shapes64"] = {"num_images": cfg.num_synthetic, "seed": cfg.synthetic_seed}
     else:
         path = Path(cfg.url_list)
@@ -152,6 +161,8 @@ def dataset_key(cfg: DataConfig) -> str:
     """
     full = json.dumps({**source_fingerprint(cfg), "shard_size": cfg.shard_size}, sort_keys=True)
     digest = hashlib.sha256(full.encode()).hexdigest()[:12]
+    if cfg.url_list is None and cfg.source == "emoji":
+        return f"emoji-{digest}"
     if cfg.url_list is None:
         return f"shapes64-{cfg.num_synthetic}-{digest}"
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.url_list).stem).strip("._-")[:40]
@@ -305,6 +316,23 @@ def _synthetic_source(cfg: DataConfig, cache_dir: Path, progress: bool) -> Path:
     return src
 
 
+def _emoji_source(cfg: DataConfig, cache_dir: Path, progress: bool) -> Path:
+    """Build the emoji images once per settings into the cache, under a lock shared by runs;
+    the npm tarballs themselves live in the user's cache folder (emoji.cache_root)."""
+    digest = hashlib.sha256(json.dumps(source_fingerprint(cfg)["emoji"]).encode()).hexdigest()
+    src = cache_dir / f"emoji-{digest[:12]}"
+    with file_lock(cache_dir / "locks" / f"{src.name}.lock", "another run is building it"):
+        if not (src / "index.parquet").is_file():  # written last: a folder without it is partial
+            shutil.rmtree(src, ignore_errors=True)
+            src.mkdir(parents=True)
+            try:
+                emoji.build(src, cfg.emoji.styles, cfg.emoji.flags, progress=progress)
+            except emoji.EmojiError as err:
+                shutil.rmtree(src, ignore_errors=True)
+                raise DownloadError(str(err)) from None
+    return src
+
+
 def download_dataset(
     cfg: DataConfig, work_dir: Path, cache_dir: Path, progress: bool = True
 ) -> DownloadStats:
@@ -315,6 +343,13 @@ def download_dataset(
     dataset (with its source.json); on a DownloadError it is deleted.
     """
     check_distributor(cfg)
+    # what can fail on the source's side fails before a partial download folder exists
+    if cfg.url_list is not None:
+        df = read_url_list(Path(cfg.url_list), cfg.url_col, cfg.caption_col)
+    elif cfg.source == "emoji":
+        src = _emoji_source(cfg, cache_dir, progress)
+    else:
+        src = _synthetic_source(cfg, cache_dir, progress)
     marker = work_dir / PARTIAL_SOURCE_FILE
     fingerprint = json.dumps(
         {**source_fingerprint(cfg), "shard_size": cfg.shard_size}, indent=1, sort_keys=True
@@ -327,7 +362,8 @@ def download_dataset(
         marker.write_text(fingerprint)
     list_path = work_dir.parent / f".{work_dir.name}-urls.parquet"
     if cfg.url_list is None:
-        src = _synthetic_source(cfg, cache_dir, progress)
+        if (src / "ATTRIBUTION.md").is_file():
+            shutil.copy(src / "ATTRIBUTION.md", work_dir / "ATTRIBUTION.md")
         frame = pd.read_parquet(src / "index.parquet")
         # the port differs per run, but rows keep their order, so shards keep their rows
         with serve_directory(src) as base:
@@ -336,7 +372,6 @@ def download_dataset(
             )
             refused = _fetch(urls, list_path, work_dir, cfg, progress)
     else:
-        df = read_url_list(Path(cfg.url_list), cfg.url_col, cfg.caption_col)
         urls = pd.DataFrame({"url": df[cfg.url_col].astype(str), "caption": df[cfg.caption_col]})
         refused = _fetch(urls, list_path, work_dir, cfg, progress)
     marker.unlink()  # from here on the download is finished or deleted, never continued

@@ -1,4 +1,5 @@
-"""Metrics for generated images: FID (torch-fidelity), CLIP score, prior similarities.
+"""Metrics for generated images: FID (torch-fidelity), CLIP score, prior similarities,
+caption retrieval, nearest training neighbours; and the captioned sample grid.
 
 Standard FID needs torch-fidelity's InceptionV3 weights. Offline, without them, the same
 torch-fidelity code computes a Frechet distance in the pipeline CLIP's image-feature space;
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_fidelity
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -118,6 +120,7 @@ def frechet_distance(
         verbose=False,
         cache=False,
         samples_shuffle=False,
+        save_cpu_ram=True,  # no loader worker processes: the images are in memory already
     )
     weights = find_inception_weights(inception_weights)
     if weights is not None:
@@ -159,14 +162,148 @@ def prior_similarities(
     }
 
 
-def image_grid(images: np.ndarray, captions: list[str] | None = None, cols: int = 8) -> Image.Image:
-    """(N, H, W, 3) uint8 images tiled into one PIL image, row-major."""
-    n, h, w, _ = images.shape
+def caption_ranks(
+    image_embeds: Tensor, caption_embeds: Tensor, targets: Tensor, tie: float = 1e-5
+) -> Tensor:
+    """Rank (1 = best) of each image's own caption among all captions, by cosine similarity.
+
+    Ties count against the image (rank = captions scoring at least as high as the target,
+    within `tie`: one matmul does not give identical rows bit-identical scores), so a
+    collapsed CLIP that gives every caption one embedding ranks every target last.
+
+    Args:
+        image_embeds: (N, E) image embeddings.
+        caption_embeds: (C, E) text embeddings of the candidate captions.
+        targets: (N,) index of each image's caption among the candidates.
+        tie: cosines this close to the target's count as ties.
+    """
+    img = F.normalize(image_embeds.float(), dim=-1)
+    txt = F.normalize(caption_embeds.float(), dim=-1)
+    sims = img @ txt.T  # (N, C)
+    own = sims.gather(1, targets.long()[:, None])  # (N, 1)
+    return (sims >= own - tie).sum(1)
+
+
+def retrieval_summary(ranks: Tensor) -> dict[str, float]:
+    """Fractions of ranks at 1 and within 5, and the median rank (chance top1 = 1 / C)."""
+    r = ranks.float()
+    return {
+        "top1": float((r <= 1).float().mean()),
+        "top5": float((r <= 5).float().mean()),
+        "median_rank": float(np.median(r.numpy())),
+    }
+
+
+def other_caption_partners(captions: Sequence[str]) -> list[int]:
+    """For each position, the next one (cyclically) whose caption differs; [] when all agree.
+
+    An image paired with another prompt's caption this way is what a model that ignores
+    its prompt would draw: the floor of caption retrieval.
+    """
+    n = len(captions)
+    partners = []
+    for i, caption in enumerate(captions):
+        j = next((k % n for k in range(i + 1, i + n) if captions[k % n] != caption), None)
+        if j is None:
+            return []
+        partners.append(j)
+    return partners
+
+
+def nearest_cosine_distance(queries: Tensor, references: Tensor, chunk: int = 8192) -> Tensor:
+    """(N,) 1 - max cosine of each query to any reference row.
+
+    References are normalised and compared `chunk` rows at a time, so float16 embeddings of
+    a large training set never exist in float32 all at once.
+    """
+    if len(references) == 0:
+        raise ValueError("no reference embeddings to find neighbours among")
+    q = F.normalize(queries.float(), dim=-1)
+    best = torch.full((len(q),), -1.0)
+    for start in range(0, len(references), chunk):
+        r = F.normalize(references[start : start + chunk].float(), dim=-1)
+        best = torch.maximum(best, (q @ r.T).amax(dim=1))
+    return 1 - best
+
+
+GRID_SCALE = 2  # nearest-neighbour upscaling: 64 px samples are too small to judge at 1x
+GRID_PAD = 6  # pixels between images, cells and text
+CAPTION_LINES = 3  # lines of prompt under a pair; longer prompts end in "..."
+
+
+def wrap_text(
+    text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float, max_lines: int
+) -> list[str]:
+    """Greedy word wrap to `width` pixels in `font`, at most `max_lines` lines.
+
+    A word wider than a line is broken; text that does not fit ends in "...".
+    """
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        while word:
+            trial = f"{line} {word}" if line else word
+            if font.getlength(trial) <= width:
+                line, word = trial, ""
+            elif line:
+                lines.append(line)
+                line = ""
+            else:  # alone on its line and still too wide: break the word
+                fits = (k for k in range(len(word), 1, -1) if font.getlength(word[:k]) <= width)
+                n = next(fits, 1)
+                lines.append(word[:n])
+                word = word[n:]
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines = [*lines[: max_lines - 1], last.rstrip() + "..."]
+    return lines
+
+
+def captioned_grid(
+    generated: np.ndarray, real: np.ndarray, captions: Sequence[str], cols: int = 4
+) -> Image.Image:
+    """Each prompt's generated image beside the real image of its caption, the prompt below.
+
+    Images are (N, H, W, 3) uint8 of one size, shown GRID_SCALE x larger (nearest
+    neighbour); prompts are wrapped to the cell's width in PIL's default font, at most
+    CAPTION_LINES lines; a header row over each column names its images "generated | real".
+    Cells are filled row-major, `cols` to a row.
+    """
+    if generated.shape != real.shape or len(captions) != len(generated):
+        raise ValueError(
+            f"{len(generated)} generated images {generated.shape[1:]}, {len(real)} real "
+            f"{real.shape[1:]} and {len(captions)} captions: need one of each per prompt"
+        )
+    n, h, w, _ = generated.shape
+    font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 2
+    img_h, img_w = h * GRID_SCALE, w * GRID_SCALE
+    cell_w = 2 * img_w + GRID_PAD
+    cell_h = img_h + GRID_PAD + CAPTION_LINES * line_h
+    header_h = line_h + GRID_PAD
     rows = (n + cols - 1) // cols
-    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, dtype=np.uint8)
+    canvas = Image.new(
+        "RGB",
+        (cols * (cell_w + GRID_PAD) + GRID_PAD, header_h + rows * (cell_h + GRID_PAD) + GRID_PAD),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    for c in range(min(cols, n)):
+        x = GRID_PAD + c * (cell_w + GRID_PAD)
+        for label, left in (("generated", x), ("real", x + img_w + GRID_PAD)):
+            offset = max(0.0, (img_w - font.getlength(label)) / 2)
+            draw.text((left + offset, GRID_PAD), label, fill="black", font=font)
     for k in range(n):
         r, c = divmod(k, cols)
-        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = images[
-            k
-        ]
-    return Image.fromarray(grid)
+        x = GRID_PAD + c * (cell_w + GRID_PAD)
+        y = header_h + GRID_PAD + r * (cell_h + GRID_PAD)
+        for i, image in enumerate((generated[k], real[k])):
+            big = image.repeat(GRID_SCALE, axis=0).repeat(GRID_SCALE, axis=1)
+            canvas.paste(Image.fromarray(big), (x + i * (img_w + GRID_PAD), y))
+        for j, text in enumerate(wrap_text(captions[k], font, cell_w, CAPTION_LINES)):
+            draw.text((x, y + img_h + GRID_PAD + j * line_h), text, fill="black", font=font)
+    return canvas

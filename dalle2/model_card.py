@@ -12,7 +12,7 @@ import math
 from dalle2.config import DecoderStageConfig, SampleConfig, UnclipConfig
 from dalle2.data import DatasetRef, Holdout
 
-# measured by the evaluate step on shapes64; other datasets have no pixel-level fidelity
+# measured by the evaluate step; fidelity_* only on shapes64 (its pixel reader)
 HEADLINE = (
     "fidelity_all",
     "fidelity_color",
@@ -22,6 +22,12 @@ HEADLINE = (
     "clip_frechet_distance",
     "fid",
     "prior_cos_true",
+    "retrieval_top1",
+    "retrieval_top5",
+    "retrieval_top5_real",
+    "retrieval_top5_floor",
+    "nn_train_distance",
+    "nn_train_distance_real",
 )
 
 
@@ -64,11 +70,14 @@ def model_card(
     decoder_unet_{i} to the steps the run measured (None for models from ZenML's cache)."""
     d, held = cfg.data, Holdout.of(cfg.data)
     held_name, seen_name = held.names
-    source = (
-        f"URL list `{d.url_list}`"
-        if d.url_list
-        else f"shapes64, the generated dataset ({d.num_synthetic} images, seed {d.synthetic_seed})"
-    )
+    if d.url_list:
+        source = f"URL list `{d.url_list}`"
+    elif d.source == "emoji":
+        source = f"emoji art ({', '.join(d.emoji.styles)}) with CLDR names, from npm"
+    else:
+        source = (
+            f"shapes64, the generated dataset ({d.num_synthetic} images, seed {d.synthetic_seed})"
+        )
     kept = "distinct captions (every image of them)" if held.by == "captions" else "pairs"
     lines = [
         f"# unCLIP text-to-image model `{cfg.name}`",
@@ -81,6 +90,12 @@ def model_card(
         f"- DVC md5 `{dataset.md5}`: {dataset.num_samples} image-caption pairs "
         f"({dataset.num_failed} failed downloads)",
         f"- held out of all training: {d.holdout_fraction:g} of the {kept}",
+        *(
+            f"- also held out (`unseen_{r.name}/`): {r.fraction:g} of the groups of captions "
+            f"matching `{r.match}`"
+            + (f" (a group ignores `{r.group_ignore}`)" if r.group_ignore else "")
+            for r in d.holdout_rules
+        ),
         "",
         "## Models",
         "| model | what | trained steps | sampling |",
@@ -110,10 +125,14 @@ def model_card(
         f"| metric | held-out captions (`{held_name}/`) | seen captions (`{seen_name}/`) |",
         "|---|---|---|",
     ]
+    rules = [f"unseen_{r.name}" for r in d.holdout_rules]
+    if rules:
+        lines[-2] = lines[-2][:-1] + "".join(f" `{r}/` |" for r in rules)
+        lines[-1] += "---|" * len(rules)
     for key in HEADLINE:
-        a, b = metrics.get(f"{held_name}/{key}"), metrics.get(f"{seen_name}/{key}")
-        if a is not None or b is not None:
-            lines.append(f"| {key} | {_fmt(a)} | {_fmt(b)} |")
+        row = [metrics.get(f"{name}/{key}") for name in (held_name, seen_name, *rules)]
+        if any(v is not None for v in row):
+            lines.append(f"| {key} | " + " | ".join(_fmt(v) for v in row) + " |")
     reg = cfg.registry
     lines += [
         "",
@@ -126,7 +145,12 @@ def model_card(
         "",
         "## Known limits",
     ]
-    if d.url_list is None:
+    if d.url_list is None and d.source == "emoji":
+        lines.append(
+            f"- emoji only: one emoji on white, in the styles it was trained on "
+            f"({', '.join(d.emoji.styles)}); CLIP knows no word outside the CLDR names."
+        )
+    elif d.url_list is None:
         lines.append(
             "- shapes64 only: one flat shape (circle, square, triangle) of one of six colours "
             "and two sizes on a white, black or gray background; nothing else can be drawn."
@@ -141,4 +165,8 @@ def model_card(
         "- Metrics of two versions compare only under the same eval settings and data.",
         "",
     ]
+    if d.url_list is None and d.source == "emoji":
+        from dalle2 import emoji
+
+        lines += [emoji.attribution(d.emoji.styles).replace("# ", "## ", 1)]
     return "\n".join(lines)

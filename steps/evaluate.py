@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 from zenml import ArtifactConfig, log_metadata, step
 
 from dalle2.data import DatasetRef, EmbeddingsRef, Holdout
 from dalle2.decoder import Decoder
-from dalle2.evaluation import image_grid
+from dalle2.evaluation import captioned_grid
 from dalle2.models import ModelArtifact, unpack_clip, unpack_prior, unpack_stage
-from dalle2.recipes.evaluate import eval_pairs
+from dalle2.recipes.evaluate import Evaluation, eval_pairs, eval_reference
 from dalle2.recipes.evaluate import evaluate as evaluate_models
 from steps._shared import load, log_metrics, logger, tracking
 
@@ -30,27 +29,31 @@ def evaluate(
 ) -> Annotated[dict[str, float], ArtifactConfig(name="metrics")]:
     """Sample prompts of held-out pairs and of training pairs, measure each set under its
     own name (unseen_captions/... and seen_captions/..., or heldout_pairs/... and
-    train_pairs/... with data.holdout: pairs). Gets the whole config: the sampling
+    train_pairs/... with data.holdout: pairs; unseen_{rule}/... for each of
+    data.holdout_rules). Gets the whole config: the sampling
     settings of every model are read here."""
     cfg, device = load(config)
     t0 = time.perf_counter()
-    held_name, seen_name = Holdout.of(cfg.data).names
     models = (
         unpack_clip(clip),
         unpack_prior(prior),
         Decoder([s for _, s in sorted(unpack_stage(a) for a in decoder_unets)]),
     )
+    # the dataset's captions (retrieval candidates) and training embeddings, read once
+    reference = eval_reference(cfg, models[0], Path(embeddings.path), device, cfg.progress)
     metrics: dict[str, float] = {}
-    grid: tuple[np.ndarray, list[str]] | None = None
-    for split, name in (("holdout", held_name), ("train", seen_name)):
+    grid: Evaluation | None = None
+    for split, name in Holdout.of(cfg.data).sets:
         pairs = eval_pairs(cfg, Path(dataset.path), Path(embeddings.path), split)
         if not pairs:
             logger.warning("no %s to evaluate on (data.holdout_fraction)", name.replace("_", " "))
             continue
-        found, samples, captions = evaluate_models(cfg, *models, pairs, device, cfg.progress)
-        metrics.update({f"{name}/{k}": v for k, v in found.items()})
+        found = evaluate_models(
+            cfg, *models, pairs, device, cfg.progress, reference=reference, split=split
+        )
+        metrics.update({f"{name}/{k}": v for k, v in found.metrics.items()})
         if grid is None:  # the grid shows the held-out prompts when there are any
-            grid = samples[: cfg.eval.grid_size], captions[: cfg.eval.grid_size]
+            grid = found
     if grid is None:
         raise ValueError("no pairs to evaluate on: the dataset is empty")
     metrics["time/evaluate_s"] = time.perf_counter() - t0
@@ -58,8 +61,11 @@ def evaluate(
     log_metadata(metadata={k: float(v) for k, v in metrics.items()})
     if tracking():
         with tempfile.TemporaryDirectory() as tmp:
-            image_grid(grid[0]).save(Path(tmp) / "samples.png")
-            pd.DataFrame({"caption": grid[1]}).to_csv(
+            k = cfg.eval.grid_size
+            captioned_grid(grid.generated[:k], grid.real[:k], grid.captions[:k]).save(
+                Path(tmp) / "samples.png"
+            )
+            pd.DataFrame({"caption": grid.captions[:k]}).to_csv(
                 Path(tmp) / "samples_captions.csv", index_label="position"
             )
             mlflow.log_artifacts(tmp, artifact_path="samples")

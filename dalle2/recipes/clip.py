@@ -41,7 +41,7 @@ def fit_clip(
         data,
         run,
         unique_captions=c.unique_captions_per_batch,
-        transform=_flip,
+        transform=_flip if c.random_flip else None,
     )
 
     def loss_fn(model: torch.nn.Module, batch: D.Batch) -> torch.Tensor:
