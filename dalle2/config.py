@@ -8,6 +8,7 @@ error, not a silently ignored setting.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,8 +180,6 @@ class HoldoutRule(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> HoldoutRule:
-        import re
-
         for key in ("match", "group_ignore"):
             value = getattr(self, key)
             try:

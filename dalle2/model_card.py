@@ -69,7 +69,7 @@ def model_card(
     """The card of the models one pipeline run produced; `trained_steps` maps clip, prior and
     decoder_unet_{i} to the steps the run measured (None for models from ZenML's cache)."""
     d, held = cfg.data, Holdout.of(cfg.data)
-    held_name, seen_name = held.names
+    sets = [name for _, name in held.sets]  # held-out sets first, the seen captions last
     if d.url_list:
         source = f"URL list `{d.url_list}`"
     elif d.source == "emoji":
@@ -122,15 +122,11 @@ def model_card(
     lines += [
         "",
         f"## Metrics ({cfg.eval.num_prompts} prompts per set, eval seed {cfg.eval.seed})",
-        f"| metric | held-out captions (`{held_name}/`) | seen captions (`{seen_name}/`) |",
-        "|---|---|---|",
+        "| metric | " + " | ".join(f"`{name}/`" for name in sets) + " |",
+        "|---" * (len(sets) + 1) + "|",
     ]
-    rules = [f"unseen_{r.name}" for r in d.holdout_rules]
-    if rules:
-        lines[-2] = lines[-2][:-1] + "".join(f" `{r}/` |" for r in rules)
-        lines[-1] += "---|" * len(rules)
     for key in HEADLINE:
-        row = [metrics.get(f"{name}/{key}") for name in (held_name, seen_name, *rules)]
+        row = [metrics.get(f"{name}/{key}") for name in sets]
         if any(v is not None for v in row):
             lines.append(f"| {key} | " + " | ".join(_fmt(v) for v in row) + " |")
     reg = cfg.registry
