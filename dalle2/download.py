@@ -40,11 +40,12 @@ from dalle2.config import DataConfig
 from dalle2.versioning import (
     LOCK_DIR,
     VersioningError,
-    add_and_push,
+    add,
     dataset_md5,
     file_lock,
     is_in_sync,
     pointer_md5,
+    push,
     repo_lock,
     snapshot_files,
 )
@@ -465,7 +466,8 @@ def _install(work_dir: Path, out_dir: Path) -> None:
 
 
 def _version(root: Path, cfg: DataConfig, key: str, reused: bool) -> tuple[str, str]:
-    """(data.dvc md5, dataset md5) after this run, adding data/ only when it changed.
+    """(data.dvc md5, dataset md5) after this run, adding data/ only when it changed and
+    pushing the snapshot when `data.dvc_push` and the remote has not taken it yet.
 
     The caller holds the repo lock, so no other run's folder lands between add and read.
     """
@@ -475,8 +477,12 @@ def _version(root: Path, cfg: DataConfig, key: str, reused: bool) -> tuple[str, 
     if before and is_in_sync(root, data_dir):
         snapshot = pointer_md5(root, data_dir)
         assert snapshot is not None  # is_in_sync read it
+        if cfg.dvc_push:
+            push(root, data_dir, snapshot)
         return snapshot, before
-    snapshot = add_and_push(root, data_dir, push=cfg.dvc_push)
+    snapshot = add(root, data_dir)
+    if cfg.dvc_push:
+        push(root, data_dir, snapshot)
     files = snapshot_files(root, data_dir)
     md5 = dataset_md5(files, key) if files else None
     if md5 is None:

@@ -28,7 +28,8 @@ from typing import Any
 import yaml
 
 from dalle2.config import DataConfig
-from dalle2.versioning import find_project_root
+from dalle2.stack import active_tracker
+from dalle2.versioning import VersioningError, find_project_root, remote_args
 
 # Metrics that describe the machine, how the run got there or the registry's state when it
 # ended (a reproduction finds the original as champion), not what it trained.
@@ -195,8 +196,12 @@ def restore_data(project: Path, work: Path, recorded: RecordedRun) -> None:
     for name, url in urls.items():
         _dvc(work, "remote", "modify", "--local", name, "url", url)
     (work / f"{recorded.data_dir}.dvc").write_bytes(recorded.pointer)
-    print(f"reproduce: dvc pull {recorded.data_dir}.dvc", flush=True)
-    _dvc(work, "pull", "-q", f"{recorded.data_dir}.dvc")
+    try:
+        remote = remote_args(work)  # the team stack's remote when $DALLE2_DVC_REMOTE names it
+    except VersioningError as err:
+        raise ReproduceError(str(err)) from None
+    print(f"reproduce: dvc pull {' '.join(remote)} {recorded.data_dir}.dvc", flush=True)
+    _dvc(work, "pull", "-q", *remote, f"{recorded.data_dir}.dvc")
 
 
 def run_config(
@@ -244,16 +249,6 @@ def _absolute_url_list(config: dict[str, Any], project: Path, work: Path) -> Non
         data["url_list"] = str((project / url_list).resolve())
 
 
-def _tracker_uri(zen_root: Path) -> str | None:
-    """The tracking URI of the active stack's experiment tracker (None without one)."""
-    from zenml.client import Client
-    from zenml.enums import StackComponentType
-
-    stack = Client(root=zen_root).active_stack_model
-    trackers = stack.components.get(StackComponentType.EXPERIMENT_TRACKER) or []
-    return trackers[0].configuration.get("tracking_uri") if trackers else None
-
-
 def use_project_stack(project: Path, work: Path) -> None:
     """Give the worktree the project's ZenML repository (its active stack), and make a
     relative sqlite tracking URI (as scripts/setup.sh registers) reach the project's
@@ -261,7 +256,8 @@ def use_project_stack(project: Path, work: Path) -> None:
     zen_root = Path(os.environ.get("ZENML_REPOSITORY_PATH") or project)
     if (zen_root / ".zen").is_dir():
         shutil.copytree(zen_root / ".zen", work / ".zen", dirs_exist_ok=True)
-    uri = _tracker_uri(zen_root) or ""
+    tracker = active_tracker(zen_root)
+    uri = tracker.config.tracking_uri or "" if tracker else ""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         rel = uri.removeprefix("sqlite:///").split("?")[0]
         link, target = work / rel, (project / rel).resolve()  # pipelines run at the root

@@ -13,13 +13,15 @@ edge of the library and may import mlflow; the registry's champion rule lives he
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import math
 import numbers
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -28,6 +30,9 @@ from mlflow.models import ModelSignature, set_model
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+if TYPE_CHECKING:
+    from dalle2.config import UnclipConfig
 
 MODELS = "models"  # the pyfunc artifact: a folder with clip/, prior/, decoder_unet_{i}/
 CARD = "model_card"  # the pyfunc artifact: the run's model card (markdown)
@@ -252,6 +257,22 @@ def _metric_of(client: mlflow.MlflowClient, mv: Any, metric: str) -> float | Non
     return None
 
 
+def evaluation_set(cfg: UnclipConfig, data_md5: str) -> str:
+    """An id of the prompts and judge a run's metrics come from: the dataset, the held-out
+    split over its captions and the evaluate step's settings. Equal ids, comparable metrics."""
+    data = cfg.data
+    measured = {
+        "data": data_md5,
+        "holdout": [
+            data.holdout,
+            data.holdout_fraction,
+            data.model_dump(mode="json")["holdout_rules"],
+        ],
+        "eval": cfg.eval.model_dump(mode="json", exclude={"grid_size"}),
+    }
+    return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def register(
     model_uri: str,
     content_id: str,
@@ -261,9 +282,15 @@ def register(
     metric: str,
     greater_is_better: bool = True,
     alias: str = "champion",
+    eval_set: str = "",
 ) -> Decision:
     """Register `model_uri` under `name` (unless a version holds the same files) and give it
-    `alias` when no version holds the alias or its `metric` is better than the holder's."""
+    `alias` when no version holds the alias or its `metric` is better than the holder's.
+
+    Like is compared with like: the holder's metric counts only when it was measured on the
+    same evaluation set (`eval_set`, from evaluation_set); a model of other data or other
+    held-out prompts never takes the alias on a number from another set of prompts.
+    """
     client = mlflow.MlflowClient()
     if value is not None and not math.isfinite(value):
         value = None
@@ -275,7 +302,7 @@ def register(
     if same:
         mv, registered = min(same, key=lambda m: int(m.version)), False
     else:
-        tags = {"content_id": content_id}
+        tags = {"content_id": content_id, "eval_set": eval_set}
         if value is not None:
             tags[f"metric.{metric}"] = repr(value)
         mv = mlflow.register_model(model_uri, name, tags=tags)
@@ -293,7 +320,15 @@ def register(
         return decide(True, f"no version held @{alias}, so version {version} takes it")
     if held == version:
         return decide(False, f"version {version} already holds @{alias}")
-    champ_value = _metric_of(client, client.get_model_version(name, held), metric)
+    champion = client.get_model_version(name, held)
+    if champion.tags.get("eval_set") != eval_set:
+        return decide(
+            False,
+            f"version {held} (@{alias}) was evaluated on other data or prompts (evaluation "
+            f"set {champion.tags.get('eval_set') or 'unrecorded'}, this one {eval_set}), so "
+            f"it keeps the alias; set registry.name to give this dataset its own model",
+        )
+    champ_value = _metric_of(client, champion, metric)
     if value is None:
         return decide(False, f"this run has no {metric}; @{alias} stays on version {held}")
     if champ_value is None:

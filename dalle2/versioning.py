@@ -2,8 +2,10 @@
 
 The data directory is tracked by `<dir>.dvc` at the project root (DVC's convention) and
 holds one folder per data source. After each download it is added and pushed to the
-default remote. A dataset is named by the md5 of its own folder's files, read from DVC's
-`.dir` manifest, so adding another source's folder leaves an existing dataset's md5 alone.
+default remote, or to the remote `$DALLE2_DVC_REMOTE` names (the team stack's object store,
+`scripts/stack.sh`), so one checkout can run on either stack. A dataset is named by the
+md5 of its own folder's files, read from DVC's `.dir` manifest, so adding another source's
+folder leaves an existing dataset's md5 alone.
 
 Pipeline runs in one project may run side by side: every DVC command here runs under one
 repo-wide lock (`.cache/locks/dvc.lock`), so two runs never meet DVC's own "Unable to
@@ -17,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -118,20 +121,60 @@ def is_in_sync(root: Path, data_dir: str) -> bool:
     return json.loads(out or "{}") == {}
 
 
+REMOTE_ENV = "DALLE2_DVC_REMOTE"
+
+
+def remote_args(root: Path) -> list[str]:
+    """`-r NAME` for the remote `$DALLE2_DVC_REMOTE` names ([] for DVC's default remote)."""
+    name = os.environ.get(REMOTE_ENV)
+    if not name:
+        return []
+    if name not in _dvc(root, "remote", "list").split():
+        raise VersioningError(
+            f"{REMOTE_ENV}={name} names no DVC remote of {root}; add it "
+            f"(`scripts/stack.sh up` adds `team`) or unset {REMOTE_ENV}"
+        )
+    return ["-r", name]
+
+
 def has_remote(root: Path) -> bool:
-    return bool(_dvc(root, "remote", "list").strip())
+    return bool(os.environ.get(REMOTE_ENV)) or bool(_dvc(root, "remote", "list").strip())
 
 
-def add_and_push(root: Path, data_dir: str, push: bool = True) -> str:
-    """`dvc add` the data directory (and `dvc push` it when a remote exists); returns md5."""
+def add(root: Path, data_dir: str) -> str:
+    """`dvc add` the data directory; returns the md5 it wrote to `<data_dir>.dvc`."""
     with repo_lock(root):  # the md5 read back must be this add's, not a later run's
         _dvc(root, "add", data_dir)
-        if push and has_remote(root):
-            _dvc(root, "push", f"{data_dir}.dvc")
         md5 = pointer_md5(root, data_dir)
     if md5 is None:
         raise VersioningError(f"dvc add wrote no md5 to {data_dir}.dvc")
     return md5
+
+
+def push(root: Path, data_dir: str, snapshot: str) -> bool:
+    """`dvc push` the snapshot unless this remote already took it; False when the push fails.
+
+    A failed push (object store down) costs the run nothing: the data is in the local cache,
+    and the next run pushes it, because only a push that succeeded leaves its marker.
+    """
+    if not has_remote(root):
+        return False
+    args = remote_args(root)
+    name = args[-1] if args else _dvc(root, "remote", "default").strip()
+    rows = [line.split() for line in _dvc(root, "remote", "list").splitlines()]
+    urls = {row[0]: row[1] for row in rows if len(row) >= 2}
+    where = hashlib.sha256(urls.get(name, name).encode()).hexdigest()[:16]
+    marker = root / ".cache" / "dvc-pushed" / f"{where}-{snapshot}"
+    if marker.is_file():
+        return True
+    try:
+        _dvc(root, "push", *args, f"{data_dir}.dvc")
+    except VersioningError as err:
+        logger.warning("%s; the snapshot stays in the local cache and the next run pushes it", err)
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return True
 
 
 def snapshot_files(root: Path, data_dir: str) -> dict[str, str] | None:

@@ -7,6 +7,7 @@ from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
 from dalle2.config import ConfigError, check_resources, parse_config
+from dalle2.stack import check_tracking_server
 from steps import (
     compute_clip_embeddings,
     download_images,
@@ -35,6 +36,7 @@ def unclip_pipeline(config: dict[str, Any]) -> None:
     try:  # fail at compile time, before any step runs
         cfg = parse_config(config)
         check_resources(cfg)
+        check_tracking_server()
     except ConfigError as err:
         # The user-facing edge: one sentence and exit code 2 (a usage error), no traceback.
         print(f"error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ import mlflow
 import yaml
 from zenml import ArtifactConfig, log_metadata, step
 
+from dalle2 import ghosts
 from dalle2.data import DatasetRef
 from dalle2.download import prepare_dataset
 from dalle2.versioning import find_project_root, pointer_md5, repo_lock
@@ -35,6 +36,7 @@ def download_images(
     MLflow run records it (params, and config.yaml + the data pointer to reproduce the run).
     """
     cfg, _ = load(config)
+    ghosts.record_and_reap()  # before anything slow: a run killed from here on is found
     t0 = time.perf_counter()
     root = find_project_root()
     ds = prepare_dataset(cfg.data, root, progress=cfg.progress)

@@ -15,7 +15,7 @@ from zenml import ArtifactConfig, log_metadata, step
 from dalle2.data import DatasetRef
 from dalle2.model_card import model_card
 from dalle2.models import ModelArtifact
-from dalle2.serving import EXAMPLE_PROMPT, log_unclip_model, register
+from dalle2.serving import EXAMPLE_PROMPT, evaluation_set, log_unclip_model, register
 from steps._shared import load, log_metrics, logger, set_tags, tracking
 
 
@@ -79,6 +79,7 @@ def register_model(
         metric=reg.metric,
         greater_is_better=reg.greater_is_better,
         alias=reg.alias,
+        eval_set=evaluation_set(cfg, dataset.md5),
     )
     if decision.registered:
         client.update_model_version(reg.name, decision.version, description=card)

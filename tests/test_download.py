@@ -48,12 +48,13 @@ from dalle2.download import (
 from dalle2.versioning import (
     LOCK_DIR,
     VersioningError,
-    add_and_push,
+    add,
     dataset_md5,
     file_lock,
     find_project_root,
     is_in_sync,
     pointer_md5,
+    push,
     snapshot_files,
 )
 
@@ -316,8 +317,9 @@ def test_dvc_versioning_round_trip(tmp_path: Path) -> None:
     _dvc(root, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     assert find_project_root(root / "data") == root.resolve()
     assert not is_in_sync(root, "data")
-    md5 = add_and_push(root, "data")
+    md5 = add(root, "data")
     assert md5 == pointer_md5(root, "data") and md5.endswith(".dir")
+    assert push(root, "data", md5)
     assert is_in_sync(root, "data")
     assert any((tmp_path / "remote").rglob("*")), "push stored nothing in the remote"
     (root / "data" / "a.txt").write_text("changed")
@@ -369,13 +371,39 @@ def test_dataset_key_follows_what_decides_the_downloaded_bytes(tmp_path: Path) -
     assert len(keys) == len(what_it_gets) + 1 and key not in keys
 
 
+def test_a_failed_push_warns_once_and_the_next_run_pushes(
+    dvc_project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (dvc_project / "data").mkdir()
+    (dvc_project / "data" / "a.txt").write_text("one")
+    snapshot = add(dvc_project, "data")
+    blocked = dvc_project.parent / "store-down"
+    blocked.write_text("a file where the remote's folder should be")
+    _dvc(dvc_project, "remote", "add", "team", str(blocked / "dvc"))
+    monkeypatch.setenv("DALLE2_DVC_REMOTE", "team")
+    with caplog.at_level(logging.WARNING, logger="dalle2.versioning"):
+        assert not push(dvc_project, "data", snapshot)
+    (warning,) = caplog.records
+    assert "dvc push -r team data.dvc" in warning.getMessage()
+    assert "the next run pushes it" in warning.getMessage()
+    assert not any((dvc_project.parent / "remote").rglob("*")), "pushed to the default remote"
+    blocked.unlink()  # the store is back
+    assert push(dvc_project, "data", snapshot)
+    assert any(blocked.rglob("*")), "the next push stored nothing"
+    shutil.rmtree(blocked)  # a marker, not the remote, now says it was pushed
+    assert push(dvc_project, "data", snapshot) and not blocked.exists()
+    monkeypatch.setenv("DALLE2_DVC_REMOTE", "nowhere")
+    with pytest.raises(VersioningError, match="DALLE2_DVC_REMOTE=nowhere names no DVC remote"):
+        push(dvc_project, "data", snapshot)
+
+
 def test_dataset_md5_names_one_folder_whatever_else_data_holds(dvc_project: Path) -> None:
     data = dvc_project / "data"
     files = {"a/x": "1", "a/sub/y": "2", "a2/x": "1", "a2/sub/y": "2", "ab/x": "1"}
     for rel, text in files.items():
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).write_text(text)
-    add_and_push(dvc_project, "data", push=False)
+    add(dvc_project, "data")
     snapshot = snapshot_files(dvc_project, "data")
     assert snapshot is not None and set(snapshot) == set(files)
     a = dataset_md5(snapshot, "a")
@@ -385,11 +413,11 @@ def test_dataset_md5_names_one_folder_whatever_else_data_holds(dvc_project: Path
 
     (data / "b").mkdir()
     (data / "b" / "z").write_text("another source")
-    add_and_push(dvc_project, "data", push=False)
+    add(dvc_project, "data")
     grown = snapshot_files(dvc_project, "data")
     assert grown is not None and "b/z" in grown and dataset_md5(grown, "a") == a
     (data / "a" / "x").write_text("edited")
-    add_and_push(dvc_project, "data", push=False)
+    add(dvc_project, "data")
     edited = snapshot_files(dvc_project, "data")
     assert edited is not None and dataset_md5(edited, "a") != a
 
@@ -416,7 +444,7 @@ def test_a_reused_dataset_is_versioned_as_it_now_is(
         raise AssertionError("data/ matches data.dvc: no new snapshot")
 
     with monkeypatch.context() as m:
-        m.setattr(download, "add_and_push", no_add)
+        m.setattr(download, "add", no_add)
         again = prepare_dataset(cfg, dvc_project, progress=False)
     assert (again.md5, again.snapshot_md5, again.skipped) == (first.md5, first.snapshot_md5, True)
 

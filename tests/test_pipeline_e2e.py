@@ -303,9 +303,21 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     proc.wait(timeout=60)
     assert killed_after, "the run ended before it could be killed mid-way"
     assert killed_after < 120
+    ghost = runs_of(mlflow_server)[-1]["info"]
+    assert ghost["status"] == "RUNNING"  # nobody told MLflow
 
-    run(command, first_run)
-    rerun = runs_of(mlflow_server)[-1]
+    rerun_log = run(command, first_run)
+    assert "left running by a killed process as failed" in rerun_log.stdout + rerun_log.stderr
+    runs = runs_of(mlflow_server)
+    assert [r["info"]["status"] for r in runs if r["info"]["run_id"] == ghost["run_id"]] == [
+        "KILLED"
+    ]
+    from zenml.client import Client
+
+    zen_runs = Client().list_pipeline_runs(sort_by="desc:created", size=2, hydrate=True).items
+    assert [str(r.status) for r in zen_runs] == ["completed", "failed"]
+    assert "killed: the process that ran it" in (zen_runs[1].status_reason or "")
+    rerun = runs[-1]
     metrics = {m["key"]: m["value"] for m in rerun["data"]["metrics"]}
     resumed = metrics["decoder_unet_0/resumed_from_step"]
     assert killed_after <= resumed < 120, (killed_after, resumed)

@@ -189,8 +189,16 @@ def test_champion_moves_only_to_a_better_version(registry: str) -> None:
     uri = "models:/unclip/1"  # any model source registers; the rule reads tags and metrics
     name, metric = "rule", "unseen_captions/fidelity_all"
 
-    def reg(content: str, value: float | None, greater: bool = True):
-        return register(uri, content, value, name=name, metric=metric, greater_is_better=greater)
+    def reg(content: str, value: float | None, greater: bool = True, eval_set: str = "s1"):
+        return register(
+            uri,
+            content,
+            value,
+            name=name,
+            metric=metric,
+            greater_is_better=greater,
+            eval_set=eval_set,
+        )
 
     first = reg("a", 0.5)
     assert first.promoted and first.reason.startswith("no version held")
@@ -203,6 +211,9 @@ def test_champion_moves_only_to_a_better_version(registry: str) -> None:
     assert not reg("d", None).promoted, "a run without the metric never takes the alias"
     assert not reg("e", float("nan")).promoted
     assert not reg("f", 0.9, greater=False).promoted, "lower is better: 0.9 loses to 0.7"
+    other = reg("g", 0.99, eval_set="s2")  # another dataset's or prompt set's figure
+    assert not other.promoted and "evaluated on other data or prompts" in other.reason
+    assert other.champion_value is None, "no figure from another set is compared"
     aliases = mlflow.MlflowClient().get_registered_model(name).aliases
     assert {k: str(v) for k, v in aliases.items()} == {"champion": "3"}
 
@@ -214,3 +225,15 @@ def test_generate_from_the_registered_model(registry: str, tmp_path: Path) -> No
     assert Image.open(out / "0000.png").size == (32, 32)
     argv[3] = "models:/unclip@nobody"
     assert main([*argv, "--out", str(out)]) == 2
+
+
+def test_evaluation_set_names_the_data_split_and_prompts_a_metric_comes_from() -> None:
+    from dalle2.config import parse_config
+    from dalle2.serving import evaluation_set
+
+    base = parse_config({})
+    same = evaluation_set(base, "md5-a")
+    assert evaluation_set(parse_config({"eval": {"grid_size": 4}}), "md5-a") == same
+    assert evaluation_set(base, "md5-b") != same, "other data"
+    assert evaluation_set(parse_config({"data": {"holdout_fraction": 0.2}}), "md5-a") != same
+    assert evaluation_set(parse_config({"eval": {"num_prompts": 8}}), "md5-a") != same
