@@ -10,7 +10,8 @@ export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+# DALLE2_EXTRAS=dev,team,scale also installs the team stack's and the Spark/Kubernetes packages
+.venv/bin/python -m pip install -q -e ".[${DALLE2_EXTRAS:-dev}]"
 
 zenml=".venv/bin/zenml"
 [ -d .zen ] || "$zenml" init >/dev/null

@@ -316,7 +316,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
 
     zen_runs = Client().list_pipeline_runs(sort_by="desc:created", size=2, hydrate=True).items
     assert [str(r.status) for r in zen_runs] == ["completed", "failed"]
-    assert "killed: the process that ran it" in (zen_runs[1].status_reason or "")
+    assert "killed: the process that ran it" in (zen_runs[1].body.status_reason or "")
     rerun = runs[-1]
     metrics = {m["key"]: m["value"] for m in rerun["data"]["metrics"]}
     resumed = metrics["decoder_unet_0/resumed_from_step"]
