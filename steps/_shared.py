@@ -187,9 +187,19 @@ def train(
 
 def mark_training_experiment() -> None:
     """Open the run's experiment on MLflow 3's model-training pages, not its GenAI ones: the
-    UI reads the kind from this experiment tag, and guesses GenAI when it is absent."""
+    UI reads the kind from this experiment tag, and guesses GenAI when it is absent.
+
+    MLflow 3.17 and 3.18 still open a fresh browser on the GenAI pages (the sidebar's mode
+    lives in the browser's localStorage, mlflow/mlflow#24498), so on a tracking server the
+    log also gives the run's link with `workflowType=machine_learning`, which lands on it."""
     run = mlflow.active_run()
-    if run is not None:
-        mlflow.MlflowClient().set_experiment_tag(
-            run.info.experiment_id, "mlflow.experimentKind", "custom_model_development"
-        )
+    if run is None:
+        return
+    exp = run.info.experiment_id
+    mlflow.MlflowClient().set_experiment_tag(
+        exp, "mlflow.experimentKind", "custom_model_development"
+    )
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        link = f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run.info.run_id}"
+        logger.info("MLflow run (training pages): %s?workflowType=machine_learning", link)

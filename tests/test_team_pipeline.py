@@ -131,6 +131,7 @@ def team_run(project, team):
     log = (root / "run.log").read_text()
     assert proc.returncode == 0, log[-6000:]
     assert outage, "the run ended before the server could be restarted mid-training"
+    assert "?workflowType=machine_learning" in log, "no link to the run's training pages"
     rest = Rest(team)
     name = config["settings"]["experiment_tracker.mlflow"]["experiment_name"]
     exp = rest(f"experiments/get-by-name?experiment_name={name}")["experiment"]
