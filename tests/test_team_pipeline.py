@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from test_team_stack import assert_no_secrets, client_env, team  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,13 +186,14 @@ def test_run_artifacts_and_model_are_on_the_server_and_in_s3(team_run, team, tmp
     assert any("models/decoder_unet_0" in k for k in keys), "the models are not in S3"
 
     # nobody's key or password in what the run left: data.dvc, params, tags, artifacts
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        os.environ[var] = team[var]
+    os.environ["MLFLOW_TRACKING_USERNAME"] = team["MLFLOW_TRACKING_USERNAME"]
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = team["MLFLOW_TRACKING_PASSWORD"]
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path))
+        client = mlflow.MlflowClient(tracking_uri=team["MLFLOW_TRACKING_URI"])
+        local = client.download_artifacts(run_id, "", str(tmp_path))
     finally:
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            os.environ.pop(var, None)
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
     assert_no_secrets([root / "data.dvc", Path(local), json.dumps(run["data"])])
     tracked = sh(["git", "ls-files", "-z"], root, env).split("\0")
     assert_no_secrets([root / f for f in tracked if f and (root / f).is_file()])

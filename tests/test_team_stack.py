@@ -102,6 +102,14 @@ def _get(url: str, auth: tuple[str, str] | None = None, timeout: float = 30) -> 
         return e.code
 
 
+class Settings(dict):
+    """The stack's settings and secrets; its repr names keys only, so a failing test's
+    traceback (pytest prints fixture values) never shows a password in a CI log."""
+
+    def __repr__(self) -> str:
+        return f"<team stack settings: {', '.join(sorted(self))}>"
+
+
 @pytest.fixture(scope="module")
 def team() -> dict[str, str]:
     """The env file's values plus the secrets; skips (or fails in CI) when the stack is down."""
@@ -125,7 +133,7 @@ def team() -> dict[str, str]:
         if os.environ.get("DALLE2_REQUIRE_TEAM_STACK") == "1":
             pytest.fail(problem)
         pytest.skip(problem)
-    return {**stack_secrets(directory), **env}
+    return Settings({**stack_secrets(directory), **env})
 
 
 def client_env(team: Mapping[str, str], tmp_path: Path, *, aws: bool = True) -> dict[str, str]:
@@ -275,9 +283,11 @@ def test_dvc_push_pull_through_team_remote(team, tmp_path):
             check=True,
         ).stdout
 
+    # `up` registers the remote in the checkout whose stack it is (.stack's parent)
+    checkout = stack_dir().parent if (stack_dir().parent / ".dvc").is_dir() else ROOT
     settings = dict(
         line.split("=", 1)
-        for line in dvc("config", "--local", "--list", cwd=ROOT).splitlines()
+        for line in dvc("config", "--local", "--list", cwd=checkout).splitlines()
         if line.startswith("remote.team.")
     )
     assert settings.get("remote.team.url", "").startswith("s3://"), "no DVC remote 'team'"
