@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from dalle2.stack import read_env_file
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUIET = {
@@ -34,17 +35,6 @@ QUIET = {
     "DVC_NO_ANALYTICS": "1",
     "ZENML_LOGGING_VERBOSITY": "WARN",
 }
-
-
-def read_env(path: Path) -> dict[str, str]:
-    """The `export NAME=value` lines of stack.sh's env file."""
-    out = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            name, value = words[1].split("=", 1)
-            out[name] = value
-    return out
 
 
 def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
@@ -122,7 +112,7 @@ def main() -> None:
     env_file = args.stack_dir / "env"
     if not env_file.is_file():
         sys.exit(f"no team stack at {args.stack_dir}: run `bash scripts/stack.sh up` first")
-    team = read_env(env_file)
+    team = read_env_file(env_file)
     times: dict[str, list[float]] = {"embedded": [], "team": []}
     with tempfile.TemporaryDirectory(prefix="team-overhead-") as tmp:
         for i in range(args.repeats):

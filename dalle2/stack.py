@@ -9,6 +9,7 @@ download, or worse, after training. One request at compile time turns both into 
 from __future__ import annotations
 
 import base64
+import shlex
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -56,3 +57,15 @@ def check_tracking_server(timeout: float = 10.0) -> None:
             f"the MLflow server at {uri} does not answer ({why}); start it "
             "(`scripts/stack.sh up`) or switch to a stack whose server runs"
         ) from None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The `export NAME=value` lines of `scripts/stack.sh`'s env files (values shell-quoted),
+    for tools that connect to the team stack without a shell that sourced them."""
+    out = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            out[name] = value
+    return out

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import textwrap
@@ -23,23 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from dalle2.stack import read_env_file
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.team_stack
 
 
 def stack_dir() -> Path:
     return Path(os.environ.get("DALLE2_STACK_DIR") or ROOT / ".stack")
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """The `export NAME=value` lines of a file written by stack.sh (values shell-quoted)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            name, value = words[1].split("=", 1)
-            out[name] = value
-    return out
 
 
 def stack_secrets(directory: Path | None = None) -> dict[str, str]:
