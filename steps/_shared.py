@@ -92,8 +92,11 @@ def log_model(artifact: ModelArtifact, name: str) -> None:
             mlflow.log_artifacts(str(artifact.to_dir(Path(tmp))), artifact_path=f"models/{name}")
 
 
-def git_commit(root: Path) -> tuple[str, bool]:
-    """HEAD, and whether the checkout has uncommitted changes (then HEAD is not the code)."""
+def git_commit(root: Path, pointer: str = "data.dvc") -> tuple[str, bool]:
+    """HEAD, and whether the checkout has uncommitted changes (then HEAD is not the code).
+
+    The data pointer does not count: the pipeline itself rewrites it on every new snapshot,
+    and the run records it as `run/<pointer>`, so a fresh clone's first run is not dirty."""
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False
     )
@@ -106,7 +109,11 @@ def git_commit(root: Path) -> tuple[str, bool]:
         text=True,
         check=False,
     )
-    return head.stdout.strip(), bool(status.stdout.strip())
+    prefix = subprocess.run(  # porcelain paths are relative to the repository's top
+        ["git", "rev-parse", "--show-prefix"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    changed = [line[3:] for line in status.stdout.splitlines() if line[3:] != prefix + pointer]
+    return head.stdout.strip(), bool(changed)
 
 
 # A failed training step is tried again by ZenML, and resumes from its last checkpoint.

@@ -57,7 +57,7 @@ def download_images(
         snapshot = pointer_md5(root, cfg.data.data_dir) or ds.snapshot_md5
     log_params(cfg)
     mark_training_experiment()
-    commit, dirty = git_commit(root)
+    commit, dirty = git_commit(root, pointer.name)
     set_tags(
         {
             "data_md5": ds.md5,

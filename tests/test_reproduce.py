@@ -17,6 +17,8 @@ import pytest
 import yaml
 from test_pipeline_e2e import BIN, PIPELINE, REPO
 
+from steps._shared import git_commit
+
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 EXPERIMENT = "unclip-test"  # tiny.yaml's
 
@@ -140,3 +142,19 @@ def test_unknown_run_is_one_sentence_and_exit_code_2(
     assert (
         proc.stderr.strip() == f"dalle2: error: MLflow run 0123456789abcdef was not found at {uri}"
     )
+
+
+def test_the_data_pointer_alone_does_not_make_a_checkout_dirty(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "data.dvc").write_text("outs: [{md5: a.dir}]\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    assert git_commit(tmp_path)[1] is False
+    (tmp_path / "data.dvc").write_text("outs: [{md5: b.dir}]\n")  # the pipeline's own rewrite
+    assert git_commit(tmp_path)[1] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path)[1] is True
