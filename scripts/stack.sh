@@ -378,8 +378,9 @@ launch_zenml() {
   mkdir -p "$ZENML_DIR/server" "$ZENML_DIR/server-config" "$ZENML_DIR/client-config" \
     "$ZENML_DIR/client"
   chmod 700 "$ZENML_DIR"
-  # a file, not `python -c`: the server derives its source root from the main module's path
-  printf '%s' "$ZENML_SERVER_MAIN" >"$ZENML_DIR/server_main.py"
+  # a file beside its state, not `python -c`: the server derives its source root from the
+  # main module's path (scripts/zenml_server.py bridges ZenML 0.92 and Starlette 1.x)
+  cp "$root/scripts/zenml_server.py" "$ZENML_DIR/server_main.py"
   # Authenticated (OAuth2 password / API keys), unlike `zenml login --local`, which runs
   # with NO_AUTH: the server holds the MLflow and S3 secrets.
   (
@@ -397,29 +398,6 @@ launch_zenml() {
       "$PY" "$ZENML_DIR/server_main.py" "$HOST" "$ZENML_PORT"
   )
 }
-
-# ZenML 0.92's dashboard route calls Starlette's pre-1.0 TemplateResponse(name, {"request": r});
-# the Starlette that MLflow 3 pulls in (1.x) only takes TemplateResponse(request, name, ...),
-# and zenml[server] pins fastapi<=0.115.8, which would downgrade MLflow's. Translate the call.
-ZENML_SERVER_MAIN='"""The team stack'"'"'s ZenML server (written by scripts/stack.sh)."""
-import sys
-import uvicorn
-from starlette.templating import Jinja2Templates
-
-_template_response = Jinja2Templates.TemplateResponse
-
-
-def _compat(self, *args, **kwargs):
-    if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], dict):
-        args = (args[1]["request"], *args)
-    return _template_response(self, *args, **kwargs)
-
-
-Jinja2Templates.TemplateResponse = _compat
-uvicorn.run("zenml.zen_server.zen_server_api:app", host=sys.argv[1], port=int(sys.argv[2]),
-            log_level="warning", server_header=False)
-'
-
 
 wait_zenml() { wait_for zenml http_ok "$(zenml_url)/health"; }
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ pytestmark = [
     ),
 ]
 
+REPO = Path(__file__).resolve().parents[1]
 METRICS = {"fidelity_all": [0.5, 0.75, 0.875], "loss": [1.2, 0.8, 0.6]}
 STEPS = ("make_numbers", "add_up")
 PAGE_TIMEOUT = 60.0  # seconds for a page to show its text (the 2-core CI box is slow)
@@ -175,30 +177,6 @@ def _seed_mlflow(url: str, user: str, password: str) -> dict:
     }
 
 
-# ZenML 0.92's dashboard route calls Starlette's pre-1.0 TemplateResponse(name, {"request": r}),
-# which the Starlette 1.x that MLflow 3 brings rejects (HTTP 500 on every dashboard page, also
-# under `zenml login --local`); zenml[server] pins fastapi<=0.115.8 instead. Translate the call,
-# as scripts/stack.sh does.
-ZENML_SERVER_MAIN = """\
-import sys
-
-import uvicorn
-from starlette.templating import Jinja2Templates
-
-_template_response = Jinja2Templates.TemplateResponse
-
-
-def _compat(self, *args, **kwargs):
-    if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], dict):
-        args = (args[1]["request"], *args)
-    return _template_response(self, *args, **kwargs)
-
-
-Jinja2Templates.TemplateResponse = _compat
-uvicorn.run("zenml.zen_server.zen_server_api:app", host=sys.argv[1], port=int(sys.argv[2]),
-            log_level="warning", server_header=False)
-"""
-
 TINY_PIPELINE = f"""\
 import json
 
@@ -291,7 +269,7 @@ def _start_zenml(root: Path, procs: list[subprocess.Popen]) -> Site:
     zn_dir = root / "zenml"
     zn_dir.mkdir()
     port, user, password = _free_port(), "admin", secrets.token_urlsafe(12)
-    (zn_dir / "server_main.py").write_text(ZENML_SERVER_MAIN)
+    shutil.copy(REPO / "scripts" / "zenml_server.py", zn_dir / "server_main.py")
     env = _clean_env(
         ZENML_CONFIG_PATH=str(zn_dir / "server-config"),
         ZENML_STORE_URL=f"sqlite:///{zn_dir}/zenml.db",
