@@ -124,21 +124,31 @@ def is_in_sync(root: Path, data_dir: str) -> bool:
 REMOTE_ENV = "DALLE2_DVC_REMOTE"
 
 
-def remote_args(root: Path) -> list[str]:
-    """`-r NAME` for the remote `$DALLE2_DVC_REMOTE` names ([] for DVC's default remote)."""
+def _remote(root: Path) -> tuple[str, str] | None:
+    """(name, url) of the remote runs push to and pull from: `$DALLE2_DVC_REMOTE`, else DVC's
+    default; None without one. One `dvc config --list` (each DVC call costs a second; `dvc
+    remote list` wraps long URLs, so its table is not parsed)."""
+    config = dict(
+        line.partition("=")[::2] for line in _dvc(root, "config", "--list").splitlines()
+    )  # every level, later ones last: a dict keeps the one that applies
+    urls = {
+        key.removeprefix("remote.").removesuffix(".url"): url
+        for key, url in config.items()
+        if key.startswith("remote.") and key.endswith(".url")
+    }
     name = os.environ.get(REMOTE_ENV)
-    if not name:
-        return []
-    if name not in _dvc(root, "remote", "list").split():
+    if name and name not in urls:
         raise VersioningError(
             f"{REMOTE_ENV}={name} names no DVC remote of {root}; add it "
             f"(`scripts/stack.sh up` adds `team`) or unset {REMOTE_ENV}"
         )
-    return ["-r", name]
+    name = name or config.get("core.remote")
+    return (name, urls[name]) if name in urls else None
 
 
-def has_remote(root: Path) -> bool:
-    return bool(os.environ.get(REMOTE_ENV)) or bool(_dvc(root, "remote", "list").strip())
+def remote_args(root: Path) -> list[str]:
+    """`-r NAME` for the remote `$DALLE2_DVC_REMOTE` names ([] for DVC's default remote)."""
+    return ["-r", os.environ[REMOTE_ENV]] if os.environ.get(REMOTE_ENV) and _remote(root) else []
 
 
 def add(root: Path, data_dir: str) -> str:
@@ -157,18 +167,16 @@ def push(root: Path, data_dir: str, snapshot: str) -> bool:
     A failed push (object store down) costs the run nothing: the data is in the local cache,
     and the next run pushes it, because only a push that succeeded leaves its marker.
     """
-    if not has_remote(root):
+    remote = _remote(root)
+    if remote is None:
         return False
-    args = remote_args(root)
-    name = args[-1] if args else _dvc(root, "remote", "default").strip()
-    rows = [line.split() for line in _dvc(root, "remote", "list").splitlines()]
-    urls = {row[0]: row[1] for row in rows if len(row) >= 2}
-    where = hashlib.sha256(urls.get(name, name).encode()).hexdigest()[:16]
+    name, url = remote
+    where = hashlib.sha256(url.encode()).hexdigest()[:16]
     marker = root / ".cache" / "dvc-pushed" / f"{where}-{snapshot}"
     if marker.is_file():
         return True
     try:
-        _dvc(root, "push", *args, f"{data_dir}.dvc")
+        _dvc(root, "push", "-r", name, f"{data_dir}.dvc")
     except VersioningError as err:
         logger.warning("%s; the snapshot stays in the local cache and the next run pushes it", err)
         return False
