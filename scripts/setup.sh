@@ -29,5 +29,7 @@ fi
 
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 [ -d .dvc ] || .venv/bin/dvc init -q
-.venv/bin/dvc remote list | grep -q . || .venv/bin/dvc remote add -d local ../dvc-storage
+# Not `remote list | grep -q`: under pipefail, grep closing the pipe early fails the pipeline
+# once a second remote (the team stack's, in .dvc/config.local) makes the listing longer.
+[ -n "$(.venv/bin/dvc remote list)" ] || .venv/bin/dvc remote add -d local ../dvc-storage
 echo "set-up done: .venv, ZenML stack 'unclip_stack' (MLflow at $root/mlruns.db), DVC"
