@@ -248,7 +248,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     uri = args.tracking_uri or _default_tracking_uri()
     workdir = Path(args.workdir) if args.workdir else None
-    same = reproduce(_find_run(args.run_id, uri), uri, workdir, args.experiment)
+    same = reproduce(_find_run(args.run_id, uri), uri, workdir, args.experiment, args.other_env)
     return 0 if same else 1
 
 
@@ -288,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", help="where to check the commit out (default: .cache/reproduce/<run id>)"
     )
     r.add_argument("--experiment", help="MLflow experiment of the new run (default: the run's)")
+    r.add_argument(
+        "--other-env",
+        action="store_true",
+        help="train and compare even when this environment's uv.lock differs from the run's "
+        "(the verdict then never says reproduced)",
+    )
     r.set_defaults(func=cmd_reproduce)
     return p
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -77,7 +77,7 @@ def reap_zenml(pipeline_name: str, current_run_id: object) -> list[str]:
 
     client = Client()
     store = client.zen_store
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     reaped = []
     runs = client.list_pipeline_runs(
         pipeline_name=pipeline_name, in_progress=True, size=100, hydrate=True

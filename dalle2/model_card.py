@@ -65,9 +65,11 @@ def model_card(
     metrics: dict[str, float],
     trained_steps: dict[str, int | None],
     run_id: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> str:
     """The card of the models one pipeline run produced; `trained_steps` maps clip, prior and
-    decoder_unet_{i} to the steps the run measured (None for models from ZenML's cache)."""
+    decoder_unet_{i} to the steps the run measured (None for models from ZenML's cache);
+    `env` is the run's `env.*` tags (dalle2/environment.py), what the weights depend on."""
     d, held = cfg.data, Holdout.of(cfg.data)
     sets = [name for _, name in held.sets]  # held-out sets first, the seen captions last
     if d.url_list:
@@ -135,6 +137,18 @@ def model_card(
         f"Registered as `{reg.name}`; a version takes `@{reg.alias}` when its `{reg.metric}` is "
         f"{'higher' if reg.greater_is_better else 'lower'} than the holder's.",
         "",
+        *(
+            [
+                "## Environment",
+                f"- uv.lock sha256 `{env.get('env.lock_sha256')}`; installed packages' sha256 "
+                f"`{env.get('env.packages_sha256')}` (`run/environment.txt`)",
+                f"- Python {env.get('env.python')}, torch {env.get('env.torch')}, "
+                f"on {env.get('env.device')}",
+                "",
+            ]
+            if env
+            else []
+        ),
         "## Use",
         f"    mlflow models serve -m models:/{reg.name}@{reg.alias} --env-manager local",
         f'    dalle2 generate "a prompt" --model models:/{reg.name}@{reg.alias}',

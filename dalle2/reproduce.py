@@ -1,13 +1,16 @@
 """`dalle2 reproduce RUN_ID`: train a past pipeline run again and say whether it came out equal.
 
 A pipeline run records what it takes to rebuild it (steps/download_images.py): the git
-commit (tag `git_commit`), the resolved config (`run/config.yaml`) and the DVC pointer of
-its data (`run/<data_dir>.dvc`). Reproducing checks that commit out into a git worktree of
-its own, so the user's checkout is never touched; pulls that exact data into it through the
-project's DVC cache and remotes; runs the pipeline there with ZenML's cache off, so every
-model is trained again rather than handed back from the original run; and compares the two
-MLflow runs: every model file by sha256, every metric by value. Metrics that measure the
-machine (time, throughput) or the run's history (a resumed step) are not compared.
+commit (tag `git_commit`), the resolved config (`run/config.yaml`), the DVC pointer of its
+data (`run/<data_dir>.dvc`) and its environment (dalle2/environment.py). Reproducing first
+says how this environment differs from the run's, and stops when the lock differs unless
+told to go on: other packages train other weights. It then checks the commit out into a git
+worktree of its own, so the user's checkout is never touched; pulls that exact data into it
+through the project's DVC cache and remotes; runs the pipeline there with ZenML's cache
+off, so every model is trained again rather than handed back from the original run; and
+compares the two MLflow runs: every model file by sha256, every metric by value. Metrics
+that measure the machine (time, throughput) or the run's history (a resumed step) are not
+compared.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from typing import Any
 
 import yaml
 
+from dalle2 import environment
 from dalle2.config import DataConfig
+from dalle2.device import pick_device
+from dalle2.environment import Environment
 from dalle2.stack import active_tracker
 from dalle2.versioning import VersioningError, find_project_root, remote_args
 
@@ -58,6 +64,7 @@ class RecordedRun:
     run_yaml: dict[str, Any]  # its ZenML run config: `parameters` (+ `settings`, `steps`)
     data_dir: str
     pointer: bytes  # `<data_dir>.dvc` after the run: `dvc pull` of it restores the data
+    environment: Environment | None  # None for a run from before runs recorded it
 
 
 @dataclass
@@ -106,8 +113,39 @@ def read_run(client: Any, run_id: str) -> RecordedRun:
                 "snapshot is unknown"
             )
         pointer = _download(client, run_id, f"run/{data_dir}.dvc", Path(tmp)).read_bytes()
+        freeze = ""
+        if environment.ARTIFACT in recorded:
+            freeze = _download(client, run_id, environment.ARTIFACT, Path(tmp)).read_text()
+    env = environment.recorded(run.data.tags, freeze)
     experiment = client.get_experiment(run.info.experiment_id).name
-    return RecordedRun(run_id, commit, experiment, run_yaml, data_dir, pointer)
+    return RecordedRun(run_id, commit, experiment, run_yaml, data_dir, pointer, env)
+
+
+def check_environment(recorded: RecordedRun, project: Path, other_env: bool) -> list[str]:
+    """Say how this environment differs from the run's, one sentence each; stop when the
+    lock differs (other packages train other weights) unless `other_env` lets it go on.
+    Returns the differences, which keep the verdict from calling a reproduction exact."""
+    if recorded.environment is None:
+        print(
+            f"reproduce: run {recorded.run_id} recorded no environment (it predates env.* "
+            "tags), so the packages it trained with are unknown",
+            flush=True,
+        )
+        return ["the run's environment is unknown"]
+    device = recorded.run_yaml["parameters"]["config"].get("device", "auto")
+    now = environment.current(project, pick_device(device))
+    found = environment.differences(recorded.environment, now)
+    for sentence in found:
+        print(f"reproduce: {sentence}", flush=True)
+    if not found:
+        print("reproduce: same environment (lock, packages, Python, torch, device)", flush=True)
+    elif recorded.environment.lock_sha256 != now.lock_sha256 and not other_env:
+        raise ReproduceError(
+            f"the lock differs from run {recorded.run_id}'s, so its weights cannot come out "
+            "bit-identical; check out its commit's uv.lock and run `bash scripts/setup.sh`, "
+            "or pass --other-env to train and compare anyway"
+        )
+    return found
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
@@ -313,8 +351,8 @@ def compare(client: Any, original: str, new: str) -> list[Row]:
     return rows
 
 
-def report(rows: list[Row], original: str, new: str) -> bool:
-    """Print the comparison table; True when everything is equal."""
+def report(rows: list[Row], original: str, new: str, env_differs: list[str] = ()) -> bool:
+    """Print the comparison table; True when everything is equal in the same environment."""
     width = max((len(r.name) for r in rows), default=10)
 
     def short(v: str) -> str:  # a sha256 fits the table in 12 characters
@@ -328,6 +366,12 @@ def report(rows: list[Row], original: str, new: str) -> bool:
     files = sum(r.name.startswith("models/") for r in rows)
     metrics = len(rows) - files
     differ = [r.name for r in rows if not r.equal]
+    if not differ and env_differs:
+        print(
+            f"equal but not an exact reproduction: all {files} model files and {metrics} "
+            f"metrics are equal in another environment ({'; '.join(env_differs)})"
+        )
+        return False
     if not differ:
         print(f"reproduced: all {files} model files and {metrics} metrics are equal")
         return True
@@ -336,10 +380,15 @@ def report(rows: list[Row], original: str, new: str) -> bool:
 
 
 def reproduce(
-    run_id: str, tracking_uri: str, workdir: Path | None = None, experiment: str | None = None
+    run_id: str,
+    tracking_uri: str,
+    workdir: Path | None = None,
+    experiment: str | None = None,
+    other_env: bool = False,
 ) -> bool:
     """Train MLflow run `run_id` again from its commit, config and data; True when every
-    model file and compared metric came out equal. The new run is tagged reproduces=<run_id>."""
+    model file and compared metric came out equal in the same environment. The new run is
+    tagged reproduces=<run_id>. `other_env` trains on when the lock differs."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a table follows
@@ -347,6 +396,7 @@ def reproduce(
     recorded = read_run(client, run_id)
     experiment = experiment or recorded.experiment
     project = find_project_root()
+    env_differs = check_environment(recorded, project, other_env)
     dest = (workdir or project / ".cache" / "reproduce" / run_id).absolute()
     work = checkout(project, recorded.commit, dest, recorded.data_dir)
     restore_data(project, work, recorded)
@@ -368,4 +418,4 @@ def reproduce(
             "pass the --tracking-uri the stack's experiment tracker logs to"
         )
     new = found[0].info.run_id  # tagged reproduces=<run_id> by the tracker settings
-    return report(compare(client, run_id, new), run_id, new)
+    return report(compare(client, run_id, new), run_id, new, env_differs)

@@ -19,7 +19,6 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,9 @@ from mlflow.models import ModelSignature, set_model
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from dalle2.environment import lock_pins
+from dalle2.versioning import VersioningError, find_project_root
 
 if TYPE_CHECKING:
     from dalle2.config import UnclipConfig
@@ -52,7 +54,7 @@ SIGNATURE = ModelSignature(
     ),
 )
 
-# What the model's code imports, pinned to this environment's versions for other env managers.
+# What the model's code imports, pinned as uv.lock pins them for other env managers.
 REQUIREMENTS = (
     "mlflow",
     "torch",
@@ -203,14 +205,13 @@ class UnclipModel(PythonModel):
 
 
 def requirements() -> list[str]:
-    """The model's pip requirements, pinned to the versions it was logged with."""
-    pins = []
-    for name in REQUIREMENTS:
-        try:
-            pins.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            pins.append(name)
-    return pins
+    """The model's pip requirements, pinned to the project's uv.lock: the packages it was
+    trained with."""
+    try:
+        root = find_project_root()
+    except VersioningError:  # a model logged outside the project: the installed versions
+        root = Path.cwd()
+    return lock_pins(root, REQUIREMENTS)
 
 
 def log_unclip_model(

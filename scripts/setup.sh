@@ -8,10 +8,26 @@ export ZENML_ANALYTICS_OPT_IN=false ZENML_ENABLE_RICH_TRACEBACK=false
 export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
 export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-# DALLE2_EXTRAS=dev,team,scale also installs the team stack's and the Spark/Kubernetes packages
-.venv/bin/python -m pip install -q -e ".[${DALLE2_EXTRAS:-dev}]"
+# uv installs exactly uv.lock into .venv. Where uv is missing it comes from PyPI, into a
+# virtualenv of its own under .cache/ (no system or user site is touched, root or not).
+uv="$(command -v uv || true)"
+if [ -z "$uv" ]; then
+  uv=.cache/uv-tool/bin/uv
+  [ -x "$uv" ] || { python3 -m venv .cache/uv-tool && .cache/uv-tool/bin/python -m pip install -q "uv>=0.9"; }
+fi
+# DALLE2_EXTRAS=dev,team,scale also installs the team stack's and the Spark/Kubernetes
+# packages. The extras installed last are kept: `uv sync` removes whatever it is not asked for.
+extras_file=.venv/dalle2-extras
+extras="${DALLE2_EXTRAS:-$(cat "$extras_file" 2>/dev/null || echo dev)}"
+args=()
+for extra in ${extras//,/ }; do args+=(--extra "$extra"); done
+# --locked: a pyproject.toml changed without `uv lock` stops here, instead of installing
+# something other than the lock says
+if ! "$uv" sync --locked --quiet "${args[@]}"; then
+  echo "set-up stopped: uv.lock does not match pyproject.toml (or could not be installed, see above); run 'uv lock' and commit uv.lock" >&2
+  exit 1
+fi
+echo "$extras" >"$extras_file"
 
 zenml=".venv/bin/zenml"
 [ -d .zen ] || "$zenml" init >/dev/null

@@ -379,7 +379,7 @@ launch_zenml() {
     "$ZENML_DIR/client"
   chmod 700 "$ZENML_DIR"
   # a file beside its state, not `python -c`: the server derives its source root from the
-  # main module's path (scripts/zenml_server.py bridges ZenML 0.92 and Starlette 1.x)
+  # main module's path (scripts/zenml_server.py)
   cp "$root/scripts/zenml_server.py" "$ZENML_DIR/server_main.py"
   # Authenticated (OAuth2 password / API keys), unlike `zenml login --local`, which runs
   # with NO_AUTH: the server holds the MLflow and S3 secrets.

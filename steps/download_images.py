@@ -9,7 +9,7 @@ import mlflow
 import yaml
 from zenml import ArtifactConfig, log_metadata, step
 
-from dalle2 import ghosts
+from dalle2 import environment, ghosts
 from dalle2.data import DatasetRef
 from dalle2.download import prepare_dataset
 from dalle2.versioning import find_project_root, pointer_md5, repo_lock
@@ -35,7 +35,7 @@ def download_images(
     the later steps' caches whether the data changed. It gets the whole config so that the
     MLflow run records it (params, and config.yaml + the data pointer to reproduce the run).
     """
-    cfg, _ = load(config)
+    cfg, device = load(config)
     ghosts.record_and_reap()  # before anything slow: a run killed from here on is found
     t0 = time.perf_counter()
     root = find_project_root()
@@ -58,6 +58,7 @@ def download_images(
     log_params(cfg)
     mark_training_experiment()
     commit, dirty = git_commit(root, pointer.name)
+    env = environment.current(root, device)
     set_tags(
         {
             "data_md5": ds.md5,
@@ -65,6 +66,7 @@ def download_images(
             "git_commit": commit,
             "git_dirty": str(dirty),
             "download_skipped": str(ds.skipped),
+            **env.tags(),
         }
     )
     if tracking():  # what `dalle2 reproduce RUN_ID` reads back
@@ -73,6 +75,7 @@ def download_images(
                 yaml.safe_dump({"parameters": {"config": cfg.model_dump(mode="json")}})
             )
             (Path(tmp) / pointer.name).write_bytes(pointer_text)
+            (Path(tmp) / Path(environment.ARTIFACT).name).write_text(env.freeze())
             mlflow.log_artifacts(tmp, artifact_path="run")
     log_metrics(
         {

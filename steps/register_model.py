@@ -55,10 +55,12 @@ def register_model(
         return ""
     run_id = mlflow.active_run().info.run_id
     client = mlflow.MlflowClient()
-    measured = client.get_run(run_id).data.metrics
+    run = client.get_run(run_id)
+    measured = run.data.metrics
+    env = {k: v for k, v in run.data.tags.items() if k.startswith("env.")}
     names = ["clip", "prior", *(f"decoder_unet_{i}" for i in range(len(cfg.decoder)))]
     trained = {n: int(measured[f"{n}/steps"]) for n in names if f"{n}/steps" in measured}
-    card = model_card(cfg, dataset, metrics, trained, run_id)
+    card = model_card(cfg, dataset, metrics, trained, run_id, env)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "models"
         clip.to_dir(folder / "clip")

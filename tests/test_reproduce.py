@@ -11,12 +11,14 @@ import os
 import re
 import shutil
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import yaml
 from test_pipeline_e2e import BIN, PIPELINE, REPO
 
+from dalle2 import environment
 from steps._shared import git_commit
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -101,6 +103,7 @@ def test_reproduce_latest_trains_the_same_models_and_metrics(
         env,
     )
     out = proc.stdout
+    assert "reproduce: same environment (lock, packages, Python, torch, device)" in out
     summary = re.search(r"reproduced: all (\d+) model files and (\d+) metrics are equal", out)
     assert summary, out[-4000:]
     table = out[out.rindex("original ") :]  # the comparison, after the pipeline's own output
@@ -123,6 +126,45 @@ def test_reproduce_latest_trains_the_same_models_and_metrics(
     assert head == runs[0].data.tags["git_commit"]
     assert (work / "data.dvc").read_text() == (root / "data.dvc").read_text()
     assert any((root / ".dvc" / "cache").rglob("*.dir")), "pulled into the project's cache"
+
+
+def test_a_run_from_another_lock_is_refused_before_anything_trains(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    from mlflow import MlflowClient
+
+    root, env = project
+    uri = f"sqlite:///{root}/mlruns.db"
+    client = MlflowClient(tracking_uri=uri)
+    runs = _runs(root)
+    original = runs[0].info.run_id
+    recorded = runs[0].data.tags["env.lock_sha256"]
+    assert recorded == environment.lock_sha256(root), "the run logged the project's uv.lock"
+    freeze = client.download_artifacts(original, environment.ARTIFACT, str(root / ".cache"))
+    assert f"torch=={version('torch')}" in Path(freeze).read_text().splitlines()
+    client.set_tag(original, "env.lock_sha256", "0" * 64)  # as if trained from another lock
+    try:
+        proc = subprocess.run(
+            [str(BIN / "dalle2"), "reproduce", original, "--tracking-uri", uri],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        client.set_tag(original, "env.lock_sha256", recorded)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        f"reproduce: the lock differs: the run had uv.lock {'0' * 12}, this checkout has "
+        f"{recorded[:12]}" in proc.stdout
+    )
+    assert proc.stderr.strip() == (
+        f"dalle2: error: the lock differs from run {original}'s, so its weights cannot come out "
+        "bit-identical; check out its commit's uv.lock and run `bash scripts/setup.sh`, "
+        "or pass --other-env to train and compare anyway"
+    )
+    assert len(_runs(root)) == len(runs), "nothing was trained"
 
 
 def test_unknown_run_is_one_sentence_and_exit_code_2(
