@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import re
+import sysconfig
 import tomllib
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distributions, version
@@ -34,9 +35,14 @@ def lock_sha256(root: Path) -> str:
 
 
 def installed() -> dict[str, str]:
-    """Every distribution this interpreter imports from, by normalized name."""
+    """Every distribution installed in this interpreter's site-packages, by normalized name.
+
+    Only there, not all of sys.path: an imported setuptools puts its vendored packages on
+    the path, which would make the same environment list differently from one process to
+    the next."""
+    site = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
     found = {}
-    for dist in distributions():
+    for dist in distributions(path=site):
         name = dist.metadata["Name"]
         if name:  # a broken install can leave metadata without a name
             found.setdefault(normalize(name), dist.version)

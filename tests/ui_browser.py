@@ -628,18 +628,20 @@ def zenml_login(browser: Browser, base_url: str, username: str, password: str) -
         browser.fill("input[name=password]", password)
         browser.click("form button", "Login")
         browser.wait_for("location.pathname !== '/login'", what="ZenML login to finish")
-    if browser.evaluate("location.pathname").startswith("/survey"):
-        status = browser.evaluate(
-            """(async () => {
-                const me = await (await fetch('/api/v1/current-user?hydrate=true')).json();
-                const meta = (me.metadata && me.metadata.user_metadata) || {};
-                const r = await fetch('/api/v1/current-user', {
-                    method: 'PUT', headers: {'Content-Type': 'application/json'},
-                    body: JSON.stringify({email_opted_in: false,
-                        user_metadata: {...meta, finished_onboarding_survey: true}})});
-                return r.status;
-            })()""",
-            await_promise=True,
-        )
-        if status != 200:
-            raise CDPError(f"could not skip the ZenML onboarding survey: HTTP {status}")
+    # Asked of the server, not read off the page: the dashboard first lands on /projects and
+    # only then redirects to the survey (ZenML 0.98).
+    status = browser.evaluate(
+        """(async () => {
+            const me = await (await fetch('/api/v1/current-user?hydrate=true')).json();
+            const meta = (me.metadata && me.metadata.user_metadata) || {};
+            if (!me.id || meta.finished_onboarding_survey) return 200;  // no auth, or done
+            const r = await fetch('/api/v1/current-user', {
+                method: 'PUT', headers: {'Content-Type': 'application/json'},
+                body: JSON.stringify({email_opted_in: false,
+                    user_metadata: {...meta, finished_onboarding_survey: true}})});
+            return r.status;
+        })()""",
+        await_promise=True,
+    )
+    if status != 200:
+        raise CDPError(f"could not skip the ZenML onboarding survey: HTTP {status}")
