@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle2.config import DecoderStageConfig, SampleConfig
-from dalle2.diffusion import GaussianDiffusion, classifier_free_guidance, sample
+from dalle2.diffusion import (
+    GaussianDiffusion,
+    Generators,
+    classifier_free_guidance,
+    randn,
+    sample,
+)
 from dalle2.networks import UNet
 from dalle2.prior import scale_embed
 
@@ -119,7 +125,7 @@ class DecoderStage(nn.Module):
         text_tokens: Tensor | None = None,
         text_mask: Tensor | None = None,
         cfg: SampleConfig | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         progress: bool = False,
     ) -> Tensor:
         """(B, 3, S, S) images in [-1, 1]; `lowres` (B, 3, s, s) in [-1, 1] for upsamplers.
@@ -133,7 +139,7 @@ class DecoderStage(nn.Module):
             if lowres is None:
                 raise ValueError("an upsampler stage needs the previous stage's images")
             level = torch.full((b,), self.cfg.lowres_sample_noise_level, device=device)
-            noise = torch.randn(lowres.shape[0], 3, size, size, device=device, generator=generator)
+            noise = randn((lowres.shape[0], 3, size, size), generator, device)
             lowres = self._augment_lowres(resize(lowres, size), level, noise)
         embed = scale_embed(image_embed)
         keep = torch.zeros(b, dtype=torch.bool, device=device)
@@ -150,7 +156,7 @@ class DecoderStage(nn.Module):
             model = classifier_free_guidance(
                 cond, uncond, cfg.guidance_scale, learned_variance=self.cfg.unet.learned_variance
             )
-        noise = torch.randn(b, 3, size, size, device=device, generator=generator)
+        noise = randn((b, 3, size, size), generator, device)
         x = sample(
             model,
             self.process,
@@ -184,7 +190,7 @@ class Decoder(nn.Module):
         text_mask: Tensor | None = None,
         *,
         cfgs: Sequence[SampleConfig | None] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         progress: bool = False,
     ) -> Tensor:
         """(B, 3, H, W) images in [0, 1] drawn through the whole cascade."""

@@ -47,6 +47,19 @@ def to_uint8(images: Tensor) -> Tensor:
 _ids = itertools.count()
 
 
+def empty_canvas(images: Tensor, min_fraction: float = 0.005, distance: float = 50.0) -> Tensor:
+    """Which uint8 (N, 3, H, W) images show nothing but their background: a prompt whose
+    object was never drawn. Knows no dataset: the background is the median colour of the
+    border; the rest must differ from it by `distance` (RGB) over `min_fraction` of the
+    image after a 3x3 opening, so that a speck or a dot of a few pixels counts as empty."""
+    x = images.float()
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    far = ((x - background).norm(dim=1, keepdim=True) > distance).float()
+    opened = F.max_pool2d(-F.max_pool2d(-far, 3, 1, 1), 3, 1, 1)  # erode, then dilate
+    return opened.flatten(1).sum(1) < min_fraction * x.shape[-1] * x.shape[-2]
+
+
 def register_clip_extractor(clip: torch.nn.Module) -> str:
     """Register `clip`'s image tower as a torch-fidelity feature extractor; returns its name."""
     name = f"dalle2-clip-{os.getpid()}-{next(_ids)}"

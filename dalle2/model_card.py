@@ -17,6 +17,7 @@ HEADLINE = (
     "fidelity_all",
     "fidelity_color",
     "fidelity_shape",
+    "empty_canvas",
     "clip_score",
     "clip_score_real",
     "clip_frechet_distance",

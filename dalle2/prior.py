@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle2.config import PriorConfig, SampleConfig
-from dalle2.diffusion import GaussianDiffusion, classifier_free_guidance, sample
+from dalle2.diffusion import (
+    GaussianDiffusion,
+    Generators,
+    classifier_free_guidance,
+    randn,
+    sample,
+)
 from dalle2.networks import PriorTransformer
 
 
@@ -70,7 +76,7 @@ class DiffusionPrior(nn.Module):
         *,
         cfg: SampleConfig | None = None,
         best_of: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         progress: bool = False,
     ) -> Tensor:
         """(B, E) unit-norm image embeddings; of `best_of` candidates per caption, the one
@@ -86,7 +92,7 @@ class DiffusionPrior(nn.Module):
         if cfg.guidance_scale != 1.0:
             uncond = self._model(text, tokens, mask, ~keep)
             model = classifier_free_guidance(model, uncond, cfg.guidance_scale)
-        noise = torch.randn(b * n, e, device=text.device, generator=generator)
+        noise = randn((b * n, e), generator, text.device)
         x = sample(
             model,
             self.process,

@@ -281,3 +281,19 @@ def test_evaluate_reports_the_new_metrics_under_each_split(monkeypatch, tmp_path
         assert ("nn_train_distance_real" in out.metrics) == (split == "holdout")
         assert out.generated.shape == out.real.shape == (6, 8, 8, 3)
         assert np.array_equal(out.real, pairs["image"].numpy())
+
+
+def test_empty_canvas_counts_blank_images_and_dots_but_no_drawn_shape() -> None:
+    from dalle2 import synthetic
+    from dalle2.evaluation import empty_canvas
+
+    rng = np.random.default_rng(0)
+    for size in (64, 32):  # the base unet's 32 px and the pipeline's 64 px
+        drawn = [synthetic.render(spec, rng, size) for spec in synthetic.all_specs()]
+        images = torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2)
+        assert not empty_canvas(images).any(), "a drawn shape (small ones too) is not empty"
+        blank = images[:, :, :1, :1].expand_as(images).clone()
+        assert empty_canvas(blank).all(), "a canvas of its background colour is empty"
+        dot = blank.clone()
+        dot[:, :, size // 2 : size // 2 + 2, size // 2 : size // 2 + 2] = 255 - dot[:, :, :1, :1]
+        assert empty_canvas(dot).all(), "a 2x2 dot is not a drawn object"

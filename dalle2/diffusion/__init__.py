@@ -4,8 +4,10 @@ from dalle2.diffusion.guidance import classifier_free_guidance
 from dalle2.diffusion.process import GaussianDiffusion, LossWeighting, ModelFn, Prediction
 from dalle2.diffusion.samplers import (
     Clamp,
+    Generators,
     Sampler,
     clamp_x0,
+    randn,
     sample,
     sample_ddim,
     sample_ddpm,
@@ -16,6 +18,7 @@ from dalle2.diffusion.schedules import make_betas
 __all__ = [
     "Clamp",
     "GaussianDiffusion",
+    "Generators",
     "LossWeighting",
     "ModelFn",
     "Prediction",
@@ -23,6 +26,7 @@ __all__ = [
     "clamp_x0",
     "classifier_free_guidance",
     "make_betas",
+    "randn",
     "sample",
     "sample_ddim",
     "sample_ddpm",

@@ -7,7 +7,7 @@ sample with fewer steps) and reports each step's x_0 estimate through `callback(
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -18,6 +18,9 @@ from dalle2.diffusion.process import GaussianDiffusion, ModelFn
 Clamp = Literal["none", "static", "dynamic"]
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Callback = Callable[[int, torch.Tensor], None]
+# One generator for the batch, or one per row: then a row's noise is the same whatever else
+# is in the batch (a served prompt and seed give one image, alone or among 31 others).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022
 
@@ -59,9 +62,27 @@ def _indices(process: GaussianDiffusion, progress: bool, desc: str) -> Iterable[
     return tqdm(steps, total=process.num_steps, disable=not progress, desc=desc, leave=False)
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise like x; every stochastic sampler draws exactly this way."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def randn(
+    shape: Sequence[int],
+    generator: Generators,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Standard normal noise; every draw of sampling goes through here. With one generator
+    per row, the rows split `shape[0]` evenly (a prior's candidates stay with their
+    caption) and each draws its share from its own generator."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    rows, left = divmod(shape[0], len(generator))
+    if left:
+        raise ValueError(f"{shape[0]} rows of noise do not split over {len(generator)} rows")
+    share = (rows, *shape[1:])
+    draws = [torch.randn(share, generator=g, device=device, dtype=dtype) for g in generator]
+    return torch.cat(draws)
+
+
+def _randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 @torch.no_grad()
@@ -71,7 +92,7 @@ def sample_ddpm(
     noise: torch.Tensor,
     *,
     clamp: Clamp = "none",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -99,7 +120,7 @@ def sample_ddim(
     *,
     eta: float = 0.0,
     clamp: Clamp = "none",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -158,7 +179,7 @@ def sample(
     steps: int | None = None,
     eta: float = 0.0,
     clamp: Clamp = "none",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dalle2.device import autocast, autocast_dtype
 from dalle2.evaluation import (
     caption_ranks,
     clip_score,
+    empty_canvas,
     frechet_distance,
     nearest_cosine_distance,
     other_caption_partners,
@@ -54,19 +55,29 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     decoder_cfgs: Sequence[SampleConfig | None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, H, W) in [0, 1] and the prior's image embeddings (N, E) for captions.
 
     `decoder_cfgs` replaces the sampling settings of some decoder stages (None keeps a
-    stage's own), so a served model can take guidance and steps per request.
+    stage's own), so a served model can take guidance and steps per request. `seeds`, one
+    per caption, gives each its own noise generator: a caption's image then does not depend
+    on the batch it is drawn in (served requests); otherwise one generator seeded `seed`
+    draws for all of them.
     """
-    gen = torch.Generator(device=device).manual_seed(seed)
+    if seeds is not None and len(seeds) != len(captions):
+        raise ValueError(f"{len(seeds)} seeds for {len(captions)} captions; pass one each")
+    shared = torch.Generator(device=device).manual_seed(seed)
     clip, prior, decoder = clip.to(device).eval(), prior.to(device).eval(), decoder.to(device)
     dtype = autocast_dtype(device, "auto")
     out_images, out_embeds = [], []
     chunks = range(0, len(captions), batch_size)
     for start in tqdm(chunks, desc="sample", disable=not progress):
         caps = captions[start : start + batch_size]
+        gen = shared
+        if seeds is not None:
+            rows = seeds[start : start + batch_size]
+            gen = [torch.Generator(device=device).manual_seed(int(s)) for s in rows]
         enc = clip.encode_text(caps, with_tokens=prior.cfg.use_text_tokens or decoder.reads_text)
         tokens = None if enc.tokens is None else enc.tokens.float()
         with autocast(device, dtype):
@@ -325,6 +336,7 @@ def evaluate(
             clip, gen_u8, ref, captions, reference, split=split, batch_size=cfg.eval.batch_size
         )
     )
+    metrics["empty_canvas"] = float(empty_canvas(gen_u8).sum())  # prompts drawn as nothing
     hwc = gen_u8.permute(0, 2, 3, 1).numpy()
     try:
         fidelity = synthetic.prompt_fidelity(list(hwc), captions)

@@ -191,3 +191,17 @@ def test_guidance_keeps_conditional_variance() -> None:
     guided = classifier_free_guidance(lambda *_: c, lambda *_: u, 2.0, learned_variance=True)(x, t)
     torch.testing.assert_close(guided[:, :3], u[:, :3] + 2.0 * (c[:, :3] - u[:, :3]))
     torch.testing.assert_close(guided[:, 3:], c[:, 3:])
+
+
+def test_per_row_generators_draw_a_rows_noise_whatever_else_is_in_the_batch() -> None:
+    from dalle2.diffusion import randn
+
+    def gens(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    cpu = torch.device("cpu")
+    both = randn((4, 3), gens(1, 2), cpu)  # two candidates per row, as the prior draws
+    assert torch.equal(both[2:], randn((2, 3), gens(2), cpu))
+    assert torch.equal(both[:2], randn((2, 3), torch.Generator().manual_seed(1), cpu))
+    with pytest.raises(ValueError, match="do not split"):
+        randn((3, 3), gens(1, 2), cpu)
