@@ -92,8 +92,9 @@ class UnclipModel(PythonModel):
     """CLIP -> prior -> decoder cascade behind MLflow's pyfunc interface.
 
     The instance MLflow builds holds no weights; `load_context` loads them from the model's
-    `models` artifact. Each row samples on its own generator seeded by its `seed` (0 when
-    absent), so a prompt, seed and params give the same image in any request.
+    `models` artifact. A request's rows sample in one batch, each row drawing its noise from
+    its own generator seeded by its `seed` (0 when absent), so a prompt, seed and params give
+    the same image in any request.
     """
 
     def load_context(self, context: Any) -> None:
