@@ -2,7 +2,7 @@
 in-memory batches, and samples/s on 1 and 2 processes against the machine's matmul peak.
 
 Every figure times the project's own `Trainer.fit`, reached through `fit_decoder_stage`
-(streaming) and `dalle2.launch.train_stage` (1 or 2 processes), on the default base unet
+(streaming) and `dalle2.recipes.launch.train_stage` (1 or 2 processes), on the default base unet
 (decoder[0] of zenml_config.yaml) on CPU in fp32, over shapes64 shard sets written here:
 
   a. peak RSS training a fixed number of steps on 4,000 vs 40,000 images, each case in a
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     import torch
 
     from dalle2.config import DataConfig, UnclipConfig
-    from dalle2.trainer import TrainResult
+    from dalle2.training.trainer import TrainResult
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -109,8 +109,8 @@ def build_shard_set(
     import numpy as np
     from PIL import Image
 
-    from dalle2.data import write_embedding_shard
-    from dalle2.synthetic import all_specs, render
+    from dalle2.data.shapes64 import all_specs, render
+    from dalle2.data.shards import write_embedding_shard
 
     out = root / f"shapes64-{images}-{image_size}px-per{shard_size}-e{embed_dim}"
     shard_dir, emb_dir = out / "shards", out / "embeddings"
@@ -253,7 +253,7 @@ def _load_in_memory(
     import numpy as np
     import torch
 
-    from dalle2 import data as D
+    from dalle2.data import shards as D
 
     images, embeds = [], []
     holdout = D.Holdout.of(data)
@@ -275,9 +275,9 @@ def _fit_in_memory(
     import torch
 
     from dalle2.decoder import DecoderStage
-    from dalle2.recipes._fit import seed_everything
     from dalle2.recipes.decoder import model_inputs  # the very conversion the stream applies
-    from dalle2.trainer import Trainer
+    from dalle2.training.fit import seed_everything
+    from dalle2.training.trainer import Trainer
 
     s = cfg.decoder[0]
     seed_everything(s.train.seed)
@@ -308,8 +308,8 @@ def _fit_streaming(
     """The streaming path: the stage's own recipe, in this process."""
     import torch
 
-    from dalle2.recipes._fit import Run
     from dalle2.recipes.decoder import fit_decoder_stage
+    from dalle2.training.fit import Run
 
     _, result = fit_decoder_stage(
         cfg, 0, shard_dir, emb_dir, Run(torch.device("cpu"), None, callback, False)
@@ -403,7 +403,7 @@ def _speed_c(spec: dict[str, Any], shard_dir: Path, emb_dir: Path) -> dict[str, 
     """samples/s through train_stage on 1 process (all threads, 1 thread) and 2 processes."""
     import torch
 
-    from dalle2.launch import train_stage
+    from dalle2.recipes.launch import train_stage
 
     cores = torch.get_num_threads()
     half = max(1, cores // 2)  # 2 processes x half the threads use what 1 process does

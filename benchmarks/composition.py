@@ -2,7 +2,7 @@
 
 For a model the pipeline registered (or any folder with clip/, prior/, decoder_unet_*/),
 on prompts of held-out captions (never trained on) and of seen captions, each image read
-back by shapes64's pixel reader (`synthetic.prompt_fidelity`):
+back by shapes64's pixel reader (`shapes64.prompt_fidelity`):
 
   1. stages: the cascade decoding the true CLIP image embeddings of the prompts' own
      images (the decoder alone), against the full prior -> decoder path, with the prior's
@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dalle2 import synthetic
-from dalle2.cli import _model_dir, load_pipeline_models
+from dalle2.cli import _model_dir
 from dalle2.config import parse_config
+from dalle2.data import shapes64
 from dalle2.evaluation import to_uint8
+from dalle2.models import load_pipeline
 from dalle2.recipes.evaluate import eval_pairs, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ KEYS = ("color", "shape", "size", "background", "all")
 def fidelity(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Percent of images (N, 3, H, W) in [0, 1] whose read attributes match the caption."""
     hwc = list(to_uint8(images).permute(0, 2, 3, 1).numpy())
-    return {k: 100 * v for k, v in synthetic.prompt_fidelity(hwc, captions).items()}
+    return {k: 100 * v for k, v in shapes64.prompt_fidelity(hwc, captions).items()}
 
 
 def row(name: str, seconds: float, by_split: dict[str, dict[str, float]]) -> str:
@@ -73,7 +74,7 @@ def main() -> None:
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
     shard_dir = Path(args.data) if args.data else next((ROOT / "data").glob("*/"))
     with tempfile.TemporaryDirectory() as tmp:
-        clip, prior, decoder = load_pipeline_models(_model_dir(args, Path(tmp)))
+        clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
     clip.eval(), prior.eval(), decoder.eval()
     cpu = torch.device("cpu")
     sets = {s: eval_pairs(cfg, shard_dir, None, s) for s in ("holdout", "train")}

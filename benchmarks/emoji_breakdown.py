@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dalle2 import data as D
-from dalle2.cli import _model_dir, load_pipeline_models
+from dalle2.cli import _model_dir
 from dalle2.config import parse_config
-from dalle2.download import dataset_key
+from dalle2.data import shards as D
+from dalle2.data.download import dataset_key
 from dalle2.evaluation import captioned_grid, to_uint8
+from dalle2.models import load_pipeline
 from dalle2.recipes.evaluate import eval_pairs, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def main() -> None:
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
     shard_dir = ROOT / cfg.data.data_dir / dataset_key(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
-        clip, prior, decoder = load_pipeline_models(_model_dir(args, Path(tmp)))
+        clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
     clip.eval(), prior.eval(), decoder.eval()
     judge = Judge(clip, sorted(set(D.read_captions(shard_dir))))
     print(f"data {shard_dir}: {len(judge.captions)} captions, {len(judge.names)} emoji names")

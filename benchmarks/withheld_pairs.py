@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dalle2 import synthetic  # noqa: E402
+from dalle2.data import shapes64  # noqa: E402
 
 RESULTS = ROOT / ".cache" / "bench" / "withheld_pairs.jsonl"
 EXPERIMENT = "withheld-pairs-bench"
@@ -52,7 +52,7 @@ def draw_pairs(seed: int, count: int = 3) -> list[str]:
     """`count` colour-shape pairs, no two sharing a colour or a shape where the grammar
     allows, so each pair's colour and shape are both seen in other pairs."""
     rng = random.Random(seed)
-    colours, shapes = list(synthetic.COLORS), list(synthetic.SHAPES)
+    colours, shapes = list(shapes64.COLORS), list(shapes64.SHAPES)
     rng.shuffle(colours)
     rng.shuffle(shapes)
     return [f"{colours[i]} {shapes[i % len(shapes)]}" for i in range(count)]

@@ -19,8 +19,6 @@ from pathlib import Path
 
 from dalle2.config import ConfigError, check_resources, load_config
 
-MODEL_DIRS = ("clip", "prior")
-
 
 class UserError(Exception):
     """Something the user can fix; printed as one sentence."""
@@ -29,7 +27,7 @@ class UserError(Exception):
 def _default_tracking_uri() -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from dalle2.versioning import VersioningError, find_project_root
+    from dalle2.data.versioning import VersioningError, find_project_root
 
     try:
         root = find_project_root()
@@ -117,21 +115,6 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: this project's)")
 
 
-def load_pipeline_models(model_dir: Path):
-    """(clip, prior, decoder) from a directory with clip/, prior/, decoder_unet_{i}/."""
-    from dalle2.decoder import Decoder
-    from dalle2.models import ModelArtifact, unpack_clip, unpack_prior, unpack_stage
-
-    missing = [d for d in (*MODEL_DIRS, "decoder_unet_0") if not (model_dir / d).is_dir()]
-    if missing:
-        raise UserError(f"{model_dir} lacks the model folder(s) {missing}")
-    clip = unpack_clip(ModelArtifact.from_dir(model_dir / "clip"))
-    prior = unpack_prior(ModelArtifact.from_dir(model_dir / "prior"))
-    stage_dirs = sorted(model_dir.glob("decoder_unet_*"), key=lambda p: int(p.name.rsplit("_")[-1]))
-    stages = [unpack_stage(ModelArtifact.from_dir(d)) for d in stage_dirs]
-    return clip, prior, Decoder([s for _, s in sorted(stages, key=lambda x: x[0])])
-
-
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -150,12 +133,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from dalle2.device import pick_device
     from dalle2.evaluation import to_uint8
+    from dalle2.models import load_pipeline
     from dalle2.recipes.evaluate import generate
 
     prompts = _read_prompts(args)
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        clip, prior, decoder = load_pipeline_models(_model_dir(args, Path(tmp)))
+        clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
     images, _ = generate(
         clip,
         prior,
@@ -204,12 +188,13 @@ def cmd_vary(args: argparse.Namespace) -> None:
     from dalle2.decoder import image_variations
     from dalle2.device import pick_device
     from dalle2.evaluation import to_uint8
+    from dalle2.models import load_pipeline
 
     if args.num < 1 or args.batch_size < 1:
         raise UserError("--num and --batch-size must be at least 1")
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        clip, _, decoder = load_pipeline_models(_model_dir(args, Path(tmp)))
+        clip, _, decoder = load_pipeline(_model_dir(args, Path(tmp)))
     clip, decoder = clip.to(device).eval(), decoder.to(device)
     sources = [Path(p) for p in args.images]
     inputs = torch.stack([_read_image(p, clip.image_size) for p in sources])
@@ -244,7 +229,7 @@ def cmd_check_config(args: argparse.Namespace) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Exit code 0 when the reproduction equals the original run, 1 when anything differs."""
-    from dalle2.reproduce import reproduce
+    from dalle2.tracking.reproduce import reproduce
 
     uri = args.tracking_uri or _default_tracking_uri()
     workdir = Path(args.workdir) if args.workdir else None
@@ -302,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dalle2.clip import ClipWeightsError
     from dalle2.models import ModelFileError
-    from dalle2.reproduce import ReproduceError
+    from dalle2.tracking.reproduce import ReproduceError
 
     user_errors = (UserError, ReproduceError, ConfigError, ClipWeightsError, ModelFileError)
     try:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle2.checkpoint import load_weights, save_weights
 from dalle2.config import ClipTowerConfig
+from dalle2.training.checkpoint import load_weights, save_weights
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -145,7 +145,7 @@ class UNetConfig(_Strict):
 
 
 class EmojiConfig(_Strict):
-    """Which emoji art the `emoji` source builds (dalle2/emoji.py)."""
+    """Which emoji art the `emoji` source builds (dalle2/data/emoji.py)."""
 
     # noto (Google), twemoji (Twitter), fluent (Microsoft), openmoji; each caption ends in
     # ", {style} style", so a style can be asked for
@@ -467,7 +467,7 @@ def check_resources(cfg: UnclipConfig) -> None:
     if cfg.data.url_list is not None:
         _must_exist(cfg.data.url_list, "data.url_list", "point it at your URL list")
     elif cfg.data.source == "emoji":
-        from dalle2 import emoji
+        from dalle2.data import emoji
 
         try:
             emoji.check_fetchable(cfg.data.emoji.styles)

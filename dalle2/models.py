@@ -21,7 +21,7 @@ from torch import nn
 
 from dalle2.clip import OpenClip, load_clip
 from dalle2.config import DecoderStageConfig, PriorConfig
-from dalle2.decoder import DecoderStage
+from dalle2.decoder import Decoder, DecoderStage
 from dalle2.prior import DiffusionPrior
 
 Kind = Literal["clip", "prior", "decoder_stage"]
@@ -229,3 +229,15 @@ def unpack_stage(artifact: ModelArtifact) -> tuple[int, DecoderStage]:
     stage = DecoderStage(_parse(DecoderStageConfig, meta.get("stage"), artifact))
     _load_state(stage, artifact)
     return meta["index"], stage.eval()
+
+
+def load_pipeline(model_dir: Path) -> tuple[OpenClip, DiffusionPrior, Decoder]:
+    """(clip, prior, decoder) from a folder with clip/, prior/, decoder_unet_{i}/: what a run
+    logs as its `models` artifact and the registered model serves."""
+    missing = [d for d in ("clip", "prior", "decoder_unet_0") if not (model_dir / d).is_dir()]
+    if missing:
+        raise ModelFileError(f"{model_dir} lacks the model folder(s) {missing}")
+    clip = unpack_clip(ModelArtifact.from_dir(model_dir / "clip"))
+    prior = unpack_prior(ModelArtifact.from_dir(model_dir / "prior"))
+    stages = [unpack_stage(ModelArtifact.from_dir(d)) for d in model_dir.glob("decoder_unet_*")]
+    return clip, prior, Decoder([stage for _, stage in sorted(stages, key=lambda s: s[0])])

@@ -30,8 +30,8 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from dalle2.environment import lock_pins
-from dalle2.versioning import VersioningError, find_project_root
+from dalle2.data.versioning import VersioningError, find_project_root
+from dalle2.tracking.environment import lock_pins
 
 if TYPE_CHECKING:
     from dalle2.config import UnclipConfig
@@ -98,13 +98,13 @@ class UnclipModel(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from dalle2.cli import load_pipeline_models
         from dalle2.device import pick_device
+        from dalle2.models import load_pipeline
         from dalle2.recipes import evaluate  # imported here, not by the first request
 
         self.generate, self.non_finite = evaluate.generate, evaluate.NonFiniteOutputError
         self.device = pick_device("auto")
-        clip, prior, decoder = load_pipeline_models(Path(context.artifacts[MODELS]))
+        clip, prior, decoder = load_pipeline(Path(context.artifacts[MODELS]))
         self.clip, self.prior, self.decoder = (
             clip.to(self.device).eval(),
             prior.to(self.device).eval(),

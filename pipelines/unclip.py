@@ -7,7 +7,7 @@ from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
 from dalle2.config import ConfigError, check_resources, parse_config
-from dalle2.stack import check_tracking_server
+from dalle2.tracking.stack import check_tracking_server
 from steps import (
     compute_clip_embeddings,
     download_images,

@@ -23,11 +23,11 @@ from pydantic import BaseModel
 from zenml.config.retry_config import StepRetryConfig
 
 from dalle2.config import UnclipConfig, parse_config
+from dalle2.data.versioning import find_project_root
 from dalle2.device import pick_device
-from dalle2.launch import Section, Stage, train_stage
 from dalle2.models import ModelArtifact
-from dalle2.trainer import MetricsCallback, latest_checkpoint
-from dalle2.versioning import find_project_root
+from dalle2.recipes.launch import Section, Stage, train_stage
+from dalle2.training.trainer import MetricsCallback, latest_checkpoint
 
 logger = logging.getLogger("dalle2")
 
@@ -122,7 +122,12 @@ TRAIN_RETRY = StepRetryConfig(max_retries=2, delay=10, backoff=2)
 
 # Modules no cached step runs (entry points, and what only the uncached register_model
 # uses): editing them keeps the caches.
-NOT_IN_STEPS = {"dalle2/cli.py", "dalle2/reproduce.py", "dalle2/serving.py", "dalle2/model_card.py"}
+NOT_IN_STEPS = {
+    "dalle2/cli.py",
+    "dalle2/serving.py",
+    "dalle2/tracking/reproduce.py",
+    "dalle2/tracking/model_card.py",
+}
 
 
 def code_version() -> str:

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from zenml import ArtifactConfig, step
 
-from dalle2.data import DatasetRef, EmbeddingsRef
+from dalle2.data.shards import DatasetRef, EmbeddingsRef
+from dalle2.data.versioning import find_project_root
 from dalle2.device import pick_device
 from dalle2.models import ModelArtifact, unpack_clip
 from dalle2.recipes.embeddings import compute_embeddings
-from dalle2.versioning import find_project_root
 from steps._shared import log_metrics, logger
 
 

@@ -9,10 +9,10 @@ import mlflow
 import yaml
 from zenml import ArtifactConfig, log_metadata, step
 
-from dalle2 import environment, ghosts
-from dalle2.data import DatasetRef
-from dalle2.download import prepare_dataset
-from dalle2.versioning import find_project_root, pointer_md5, repo_lock
+from dalle2.data.download import prepare_dataset
+from dalle2.data.shards import DatasetRef
+from dalle2.data.versioning import find_project_root, pointer_md5, repo_lock
+from dalle2.tracking import environment, ghosts
 from steps._shared import (
     git_commit,
     load,

@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 from zenml import ArtifactConfig, log_metadata, step
 
-from dalle2.data import DatasetRef, EmbeddingsRef, Holdout
+from dalle2.data.shards import DatasetRef, EmbeddingsRef, Holdout
 from dalle2.decoder import Decoder
 from dalle2.evaluation import captioned_grid
 from dalle2.models import ModelArtifact, unpack_clip, unpack_prior, unpack_stage

@@ -12,10 +12,10 @@ import pandas as pd
 from PIL import Image
 from zenml import ArtifactConfig, log_metadata, step
 
-from dalle2.data import DatasetRef
-from dalle2.model_card import model_card
+from dalle2.data.shards import DatasetRef
 from dalle2.models import ModelArtifact
 from dalle2.serving import EXAMPLE_PROMPT, evaluation_set, log_unclip_model, register
+from dalle2.tracking.model_card import model_card
 from steps._shared import load, log_metrics, logger, set_tags, tracking
 
 

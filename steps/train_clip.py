@@ -6,7 +6,7 @@ from typing import Annotated
 from zenml import ArtifactConfig, step
 
 from dalle2.config import ClipConfig, DataConfig
-from dalle2.data import DatasetRef, Holdout
+from dalle2.data.shards import DatasetRef, Holdout
 from dalle2.device import pick_device
 from dalle2.models import ModelArtifact, pack_clip, unpack_clip
 from dalle2.recipes.clip import load_clip_for, retrieval_accuracy

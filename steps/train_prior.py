@@ -5,7 +5,7 @@ from typing import Annotated
 from zenml import ArtifactConfig, step
 
 from dalle2.config import DataConfig, PriorConfig
-from dalle2.data import EmbeddingsRef
+from dalle2.data.shards import EmbeddingsRef
 from dalle2.models import ModelArtifact
 from steps._shared import TRAIN_RETRY, train
 

@@ -57,7 +57,7 @@ def write_shard_set(
     import numpy as np
     from PIL import Image
 
-    from dalle2.data import write_embedding_shard
+    from dalle2.data.shards import write_embedding_shard
 
     shard_dir, emb_dir = root / "shards", root / "emb"
     shard_dir.mkdir(parents=True)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from dalle2.checkpoint import (
+from dalle2.config import TrainConfig
+from dalle2.training.checkpoint import (
     load_json,
     load_optimizer,
     load_rng,
@@ -25,8 +26,7 @@ from dalle2.checkpoint import (
     save_rng,
     save_weights,
 )
-from dalle2.config import TrainConfig
-from dalle2.trainer import Trainer
+from dalle2.training.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import write_shard_set
 
-from dalle2 import data as D
 from dalle2.clip import build_scratch_clip
 from dalle2.config import ClipTowerConfig
+from dalle2.data import shards as D
 from dalle2.recipes.embeddings import compute_embeddings
 
 

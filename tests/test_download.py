@@ -29,9 +29,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle2 import download
 from dalle2.config import DataConfig
-from dalle2.download import (
+from dalle2.data import download
+from dalle2.data.download import (
     DOWNLOADS_DIR,
     PARTIAL_SOURCE_FILE,
     SOURCE_FILE,
@@ -45,7 +45,7 @@ from dalle2.download import (
     serve_directory,
     source_fingerprint,
 )
-from dalle2.versioning import (
+from dalle2.data.versioning import (
     LOCK_DIR,
     VersioningError,
     add,
@@ -69,7 +69,7 @@ class _Sample(NamedTuple):
 def _read_samples(tars: Iterable[Path]) -> list[_Sample]:
     """The samples img2dataset wrote into webdataset tars, sorted by key.
 
-    Read here with tarfile rather than through dalle2.data, so these tests pin down what
+    Read here with tarfile rather than through dalle2.data.shards, so these tests pin down what
     img2dataset writes, whatever the readers built on it do.
     """
     samples = []
@@ -381,7 +381,7 @@ def test_a_failed_push_warns_once_and_the_next_run_pushes(
     blocked.write_text("a file where the remote's folder should be")
     _dvc(dvc_project, "remote", "add", "team", str(blocked / "dvc"))
     monkeypatch.setenv("DALLE2_DVC_REMOTE", "team")
-    with caplog.at_level(logging.WARNING, logger="dalle2.versioning"):
+    with caplog.at_level(logging.WARNING, logger="dalle2.data.versioning"):
         assert not push(dvc_project, "data", snapshot)
     (warning,) = caplog.records
     assert "dvc push -r team data.dvc" in warning.getMessage()

@@ -1,4 +1,4 @@
-"""The emoji source (dalle2/emoji.py) on small tarballs in the four npm packages' own layouts.
+"""The emoji source (dalle2/data/emoji.py) on small tarballs in the four npm packages' own layouts.
 
 The builder, the download step over loopback, the refusals, the holdout rules and the tiny
 pipeline through ZenML, all offline: the tests write the tarballs and pin their hashes.
@@ -27,10 +27,9 @@ from PIL import Image
 from test_download import _read_samples
 from test_pipeline_e2e import BIN, PIPELINE, REPO, run
 
-from dalle2 import emoji
 from dalle2.config import ConfigError, DataConfig, HoldoutRule, check_resources, parse_config
-from dalle2.data import Holdout
-from dalle2.download import (
+from dalle2.data import emoji
+from dalle2.data.download import (
     DOWNLOADS_DIR,
     SOURCE_FILE,
     DownloadError,
@@ -38,6 +37,7 @@ from dalle2.download import (
     prepare_dataset,
     serve_directory,
 )
+from dalle2.data.shards import Holdout
 
 # ----------------------------------------------------------------------------- the test set
 
@@ -284,7 +284,7 @@ def pinned(tarballs: dict[str, Path]) -> dict[str, emoji.Package]:
 
 
 def pin(mp: pytest.MonkeyPatch, tarballs: dict[str, Path], cache: Path) -> dict[str, emoji.Package]:
-    """Point dalle2.emoji at the test tarballs: pinned, and cached where `npm pack` puts them."""
+    """Point dalle2.data.emoji at the test tarballs: pinned, cached where `npm pack` puts them."""
     (cache / "npm").mkdir(parents=True, exist_ok=True)
     pins = pinned(tarballs)
     for key, pkg in pins.items():
@@ -712,14 +712,14 @@ def test_a_holdout_rule_keeps_groups_whole_over_many_emoji() -> None:
 
 # ----------------------------------------------------------------------------- end to end
 
-# `zenml` with dalle2.emoji pinned to the test tarballs (the local orchestrator runs every
+# `zenml` with dalle2.data.emoji pinned to the test tarballs (the local orchestrator runs every
 # step in this process, so the pins reach the download step); guarded, as img2dataset's
 # spawned workers import this file again
 PINNED_ZENML = """\
 import json, os, sys
 
 if __name__ == "__main__":
-    from dalle2 import emoji
+    from dalle2.data import emoji
 
     pins = json.loads(os.environ["DALLE2_TEST_EMOJI_PINS"])
     emoji.NAMES = emoji.Package(**pins.pop("names"))

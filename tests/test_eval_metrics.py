@@ -13,9 +13,9 @@ from conftest import write_shard_set
 from PIL import ImageFont
 from test_clip import TINY  # embed_dim 16, 32 px: builds in well under a second
 
-from dalle2 import data as D
 from dalle2.clip import TextEncoding, build_scratch_clip
 from dalle2.config import UnclipConfig
+from dalle2.data import shards as D
 from dalle2.evaluation import (
     caption_ranks,
     captioned_grid,
@@ -284,12 +284,12 @@ def test_evaluate_reports_the_new_metrics_under_each_split(monkeypatch, tmp_path
 
 
 def test_empty_canvas_counts_blank_images_and_dots_but_no_drawn_shape() -> None:
-    from dalle2 import synthetic
+    from dalle2.data import shapes64
     from dalle2.evaluation import empty_canvas
 
     rng = np.random.default_rng(0)
     for size in (64, 32):  # the base unet's 32 px and the pipeline's 64 px
-        drawn = [synthetic.render(spec, rng, size) for spec in synthetic.all_specs()]
+        drawn = [shapes64.render(spec, rng, size) for spec in shapes64.all_specs()]
         images = torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2)
         assert not empty_canvas(images).any(), "a drawn shape (small ones too) is not empty"
         blank = images[:, :, :1, :1].expand_as(images).clone()

@@ -9,8 +9,8 @@ import torch
 from conftest import write_shard_set
 
 from dalle2.config import load_config, parse_config
-from dalle2.launch import train_stage
 from dalle2.models import unpack_stage
+from dalle2.recipes.launch import train_stage
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 

@@ -18,7 +18,7 @@ from dalle2.config import (
 from dalle2.decoder import Decoder, DecoderStage, gaussian_blur
 from dalle2.models import pack_prior, pack_stage, unpack_prior, unpack_stage
 from dalle2.prior import DiffusionPrior
-from dalle2.trainer import Trainer
+from dalle2.training.trainer import Trainer
 
 UNET = dict(
     dim=8,

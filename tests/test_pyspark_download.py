@@ -1,6 +1,6 @@
 """img2dataset's pyspark distributor on a local[2] Spark session, against a loopback server.
 
-The product's download path (dalle2.download.download_dataset, which hands
+The product's download path (dalle2.data.download.download_dataset, which hands
 data.distributor to img2dataset) runs the same URL list twice, once per distributor, and
 the shards must be valid webdataset tars holding the same samples byte for byte: the same
 keys, captions, image bytes and per-sample json. They are compared member by member, not
@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from dalle2.config import DataConfig
-from dalle2.download import download_dataset, read_stats, serve_directory
+from dalle2.data.download import download_dataset, read_stats, serve_directory
 
 pytestmark = pytest.mark.spark
 

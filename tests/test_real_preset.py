@@ -23,9 +23,9 @@ import yaml
 from safetensors.torch import save_file
 from test_pipeline_e2e import BIN, PIPELINE, REPO, run
 
-from dalle2 import synthetic
 from dalle2.config import parse_config
-from dalle2.download import serve_directory
+from dalle2.data import shapes64
+from dalle2.data.download import serve_directory
 
 PRESET = REPO / "configs" / "real-vitb32.yaml"
 NUM_IMAGES = 48
@@ -163,7 +163,7 @@ def _run_preset(root: Path, assets: Path) -> None:
 
     write_tiny_clip(assets / "clip")
     www = assets / "www"
-    frame = synthetic.generate(www, NUM_IMAGES, seed=3)
+    frame = shapes64.generate(www, NUM_IMAGES, seed=3)
     url_list = assets / "urls.parquet"
     with serve_directory(www) as base:
         rel = [Path(p).relative_to(www.resolve()).as_posix() for p in frame["path"]]

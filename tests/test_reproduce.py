@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_pipeline_e2e import BIN, PIPELINE, REPO
 
-from dalle2 import environment
+from dalle2.tracking import environment
 from steps._shared import git_commit
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"

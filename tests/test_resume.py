@@ -15,9 +15,9 @@ import torch
 from conftest import write_shard_set
 
 from dalle2.config import DataConfig, load_config
-from dalle2.launch import train_stage
 from dalle2.models import ModelArtifact
-from dalle2.trainer import latest_checkpoint
+from dalle2.recipes.launch import train_stage
+from dalle2.training.trainer import latest_checkpoint
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 

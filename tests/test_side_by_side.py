@@ -13,13 +13,13 @@ import sys
 import tarfile
 from pathlib import Path
 
-from dalle2.versioning import dataset_md5, is_in_sync, snapshot_files
+from dalle2.data.versioning import dataset_md5, is_in_sync, snapshot_files
 
 _RUN = """
 import json, logging, sys, time
 from pathlib import Path
 from dalle2.config import DataConfig
-from dalle2.download import prepare_dataset
+from dalle2.data.download import prepare_dataset
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 root, barrier, me, n, runs = sys.argv[1:]

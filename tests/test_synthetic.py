@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dalle2.synthetic import (
+from dalle2.data.shapes64 import (
     BACKGROUNDS,
     COLORS,
     SHAPES,

@@ -250,7 +250,7 @@ def test_the_champion_is_served_from_the_servers_registry(team_run, team):
 
 
 def test_a_fresh_clone_pulls_the_runs_data_from_s3_and_reproduces_it(team_run, team, tmp_path):
-    from dalle2.versioning import dataset_md5, snapshot_files
+    from dalle2.data.versioning import dataset_md5, snapshot_files
 
     root, env, _, run, _ = team_run
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
@@ -306,7 +306,7 @@ def test_the_object_store_down_during_dvc_push_then_the_next_run_pushes(
 ):
     import logging
 
-    from dalle2.versioning import add, push
+    from dalle2.data.versioning import add, push
 
     root, env, _ = project
     work = root.parent / "push-project"
@@ -330,7 +330,7 @@ def test_the_object_store_down_during_dvc_push_then_the_next_run_pushes(
         sh([*STACK, "stop", "s3"], REPO, os.environ.copy())
         try:
             t0 = time.time()
-            with caplog.at_level(logging.WARNING, logger="dalle2.versioning"):
+            with caplog.at_level(logging.WARNING, logger="dalle2.data.versioning"):
                 assert not push(work, "data", snapshot)
             down = time.time() - t0
         finally:

@@ -15,7 +15,7 @@ from torch import nn
 
 from dalle2.config import TrainConfig
 from dalle2.device import autocast, autocast_dtype, cpu_has_native_bf16, pick_device
-from dalle2.trainer import Trainer, _to_device, lr_at, param_groups
+from dalle2.training.trainer import Trainer, _to_device, lr_at, param_groups
 
 W_TRUE = torch.tensor([[1.5], [-2.0], [0.5], [1.0]])
 

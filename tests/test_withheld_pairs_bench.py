@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from dalle2 import synthetic
 from dalle2.config import parse_config
-from dalle2.data import Holdout
+from dalle2.data import shapes64
+from dalle2.data.shards import Holdout
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("withheld", REPO / "benchmarks" / "withheld_pairs.py")
@@ -30,17 +30,17 @@ def test_withheld_pairs_are_in_no_training_split_in_any_size_or_background() -> 
         cfg = parse_config(run["parameters"]["config"])
         held = Holdout.of(cfg.data)
         assert ("holdout:colour_shape", "unseen_colour_shape") in held.sets
-        captions = [s.caption for s in synthetic.all_specs()]
+        captions = [s.caption for s in shapes64.all_specs()]
         for i, caption in enumerate(captions):
-            spec_ = synthetic.parse_caption(caption)
+            spec_ = shapes64.parse_caption(caption)
             withheld = f"{spec_.color} {spec_.shape}" in pairs
             key = f"{i:09d}"
             assert held.keeps("holdout:colour_shape", key, caption) is withheld, caption
             if withheld:
                 assert not held.keeps("train", key, caption), caption
         assert sum(held.keeps("holdout:colour_shape", "k", c) for c in captions) == 3 * len(
-            synthetic.SIZES
-        ) * len(synthetic.BACKGROUNDS)
+            shapes64.SIZES
+        ) * len(shapes64.BACKGROUNDS)
         # the rest of the config is the default's: the same steps, another registry name
         default = base["parameters"]["config"]
         assert run["parameters"]["config"]["decoder"] == default["decoder"]

@@ -9,11 +9,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from dalle2 import data as D
 from dalle2.clip import OpenClip, build_scratch_clip, load_pretrained_clip
 from dalle2.config import ClipConfig, DataConfig
-from dalle2.recipes._fit import Run, fit, seed_everything, stream
-from dalle2.trainer import TrainResult
+from dalle2.data import shards as D
+from dalle2.training.fit import Run, fit, seed_everything, stream
+from dalle2.training.trainer import TrainResult
 
 
 def _flip(batch: D.Batch, rng: torch.Generator) -> D.Batch:

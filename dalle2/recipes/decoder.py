@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from dalle2 import data as D
 from dalle2.config import DataConfig, DecoderStageConfig
+from dalle2.data import shards as D
 from dalle2.decoder import DecoderStage
-from dalle2.recipes._fit import Run, fit, seed_everything, stream
-from dalle2.trainer import TrainResult
+from dalle2.training.fit import Run, fit, seed_everything, stream
+from dalle2.training.trainer import TrainResult
 
 
 def model_inputs(batch: D.Batch, _rng: torch.Generator) -> D.Batch:

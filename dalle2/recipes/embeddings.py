@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dalle2 import data as D
 from dalle2.clip import OpenClip
+from dalle2.data import shards as D
 
 
 @torch.no_grad()

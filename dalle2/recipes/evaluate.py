@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dalle2 import data as D
 from dalle2.clip import ClipEncoder, OpenClip
 from dalle2.config import SampleConfig, UnclipConfig
+from dalle2.data import shards as D
 from dalle2.decoder import Decoder
 from dalle2.device import autocast, autocast_dtype
 from dalle2.evaluation import (
@@ -293,7 +293,7 @@ def evaluate(
     `pairs` holds "caption", "image" (N, H, W, 3) uint8 and "image_embed" (N, E) rows of
     `split`.
     """
-    from dalle2 import synthetic
+    from dalle2.data import shapes64
 
     captions = list(pairs["caption"])
     n = len(captions)
@@ -339,7 +339,7 @@ def evaluate(
     metrics["empty_canvas"] = float(empty_canvas(gen_u8).sum())  # prompts drawn as nothing
     hwc = gen_u8.permute(0, 2, 3, 1).numpy()
     try:
-        fidelity = synthetic.prompt_fidelity(list(hwc), captions)
+        fidelity = shapes64.prompt_fidelity(list(hwc), captions)
         metrics.update({f"fidelity_{k}": v for k, v in fidelity.items()})
     except ValueError:
         pass  # captions outside the shapes64 grammar: no pixel-level reading possible

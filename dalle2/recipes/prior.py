@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from dalle2 import data as D
 from dalle2.config import DataConfig, PriorConfig
+from dalle2.data import shards as D
 from dalle2.prior import DiffusionPrior
-from dalle2.recipes._fit import Run, fit, seed_everything, stream
-from dalle2.trainer import TrainResult
+from dalle2.training.fit import Run, fit, seed_everything, stream
+from dalle2.training.trainer import TrainResult
 
 FIELDS = ("text_embed", "image_embed", "text_tokens", "text_mask")
 

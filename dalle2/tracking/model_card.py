@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from dalle2.config import DecoderStageConfig, SampleConfig, UnclipConfig
-from dalle2.data import DatasetRef, Holdout
+from dalle2.data.shards import DatasetRef, Holdout
 
 # measured by the evaluate step; fidelity_* only on shapes64 (its pixel reader)
 HEADLINE = (
@@ -70,7 +70,7 @@ def model_card(
 ) -> str:
     """The card of the models one pipeline run produced; `trained_steps` maps clip, prior and
     decoder_unet_{i} to the steps the run measured (None for models from ZenML's cache);
-    `env` is the run's `env.*` tags (dalle2/environment.py), what the weights depend on."""
+    `env` is the run's `env.*` tags (dalle2/tracking/environment.py), what the weights depend on."""
     d, held = cfg.data, Holdout.of(cfg.data)
     sets = [name for _, name in held.sets]  # held-out sets first, the seen captions last
     if d.url_list:
@@ -177,7 +177,7 @@ def model_card(
         "",
     ]
     if d.url_list is None and d.source == "emoji":
-        from dalle2 import emoji
+        from dalle2.data import emoji
 
         lines += [emoji.attribution(d.emoji.styles).replace("# ", "## ", 1)]
     return "\n".join(lines)

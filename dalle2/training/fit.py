@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dalle2 import data as D
 from dalle2.config import DataConfig, TrainConfig
-from dalle2.trainer import MetricsCallback, Trainer, TrainResult
+from dalle2.data import shards as D
+from dalle2.training.trainer import MetricsCallback, Trainer, TrainResult
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

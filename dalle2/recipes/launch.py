@@ -2,7 +2,7 @@
 
 A step hands over plain inputs (the config, data paths, a stage index). With
 `train.num_processes` > 1 they go to a job folder and `torchrun` starts the processes, each
-running `python -m dalle2.launch JOB_DIR`: accelerate wraps the model in DDP (gloo on CPU,
+running `python -m dalle2.recipes.launch JOB_DIR`: accelerate wraps the model in DDP (gloo on CPU,
 NCCL on GPUs), every process streams its own shards, and rank 0 alone reports metrics (a
 JSON-lines file that this process forwards as lines arrive) and writes the trained model,
 read back here as a ModelArtifact.
@@ -31,8 +31,8 @@ import torch
 from dalle2.config import ClipConfig, DataConfig, DecoderStageConfig, PriorConfig
 from dalle2.device import autocast_dtype, pick_device
 from dalle2.models import ModelArtifact, pack_clip, pack_prior, pack_stage
-from dalle2.recipes._fit import Run
-from dalle2.trainer import MetricsCallback, TrainResult
+from dalle2.training.fit import Run
+from dalle2.training.trainer import MetricsCallback, TrainResult
 
 Stage = Literal["clip", "prior", "decoder"]
 Section = ClipConfig | PriorConfig | DecoderStageConfig
@@ -90,7 +90,7 @@ def torchrun_command(num_processes: int, job_dir: Path) -> list[str]:
         *rendezvous,
         f"--nproc-per-node={num_processes}",
         "-m",
-        "dalle2.launch",
+        "dalle2.recipes.launch",
         str(job_dir),
     ]
 

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dalle2.checkpoint import (
+from dalle2.config import TrainConfig
+from dalle2.device import autocast, autocast_dtype, pick_device
+from dalle2.training.checkpoint import (
     load_json,
     load_optimizer,
     load_rng,
@@ -34,8 +36,6 @@ from dalle2.checkpoint import (
     save_rng,
     save_weights,
 )
-from dalle2.config import TrainConfig
-from dalle2.device import autocast, autocast_dtype, pick_device
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from dalle2 import emoji, synthetic
+from dalle2.data import emoji, shapes64
 from dalle2.config import DataConfig
-from dalle2.versioning import (
+from dalle2.data.versioning import (
     LOCK_DIR,
     VersioningError,
     add,
@@ -309,7 +309,7 @@ def _synthetic_source(cfg: DataConfig, cache_dir: Path, progress: bool) -> Path:
     with file_lock(cache_dir / "locks" / f"{src.name}.lock", "another run is generating it"):
         if not (src / "index.parquet").is_file():  # written last: a folder without it is partial
             shutil.rmtree(src, ignore_errors=True)
-            frame = synthetic.generate(
+            frame = shapes64.generate(
                 src, cfg.num_synthetic, seed=cfg.synthetic_seed, progress=progress
             )
             frame["rel"] = [str(Path(p).relative_to(src)) for p in frame["path"]]
