@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,6 +182,14 @@ class _Window:
     norm: float = 0.0
     norm_steps: int = 0
     samples: int = 0
+
+    def add(self, loss: float, norm: float, samples: int) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.samples += samples
+        if math.isfinite(norm):  # fp16 overflow steps are skipped by the scaler
+            self.norm += norm
+            self.norm_steps += 1
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -381,7 +389,6 @@ class Trainer:
         """
         cfg = self.cfg
         target = cfg.steps if steps is None else steps
-        accum = cfg.grad_accum
         start = time.perf_counter()
         first_step, total_samples = self.step, 0
         last_loss, lr = math.nan, lr_at(self.step, cfg)
@@ -392,59 +399,22 @@ class Trainer:
         self._opt.zero_grad(set_to_none=True)
         preemption = _Preemption(checkpoint_dir is not None)
         stop = False
-        bar = tqdm(
-            total=target,
-            initial=min(self.step, target),
-            # a capped run usually ends on the clock: say so, or the ETA over `target` misleads
-            desc=self.desc
-            if cfg.max_minutes is None
-            else f"{self.desc} (<= {cfg.max_minutes:g} min)",
-            disable=not (self.progress and self._is_main),
-            dynamic_ncols=True,
-        )
-        with preemption, contextlib.closing(bar):
+        with preemption, contextlib.closing(self._bar(target)) as bar:
             while self.step < target:
-                loss_sum = torch.zeros((), device=self.device)
-                samples, exhausted = 0, False
-                for micro in range(accum):
-                    batch = next(batch_iter, _END)
-                    if batch is _END:
-                        exhausted = True
-                        break
-                    samples += _batch_size(batch, cfg.batch_size)
-                    batch = _to_device(batch, self.device)
-                    with self._no_sync(last=micro == accum - 1):
-                        with self._autocast():
-                            loss = self.loss_fn(self._net, batch)
-                        loss_sum += loss.detach().float()
-                        self._backward(loss / accum)
-                if exhausted:
-                    self._opt.zero_grad(set_to_none=True)
+                accumulated = self._accumulate(batch_iter)
+                if accumulated is None:
                     break
-
+                loss_sum, samples = accumulated
                 time_fraction = self._time_fraction(start)
                 lr = lr_at(self.step, cfg, time_fraction)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                norm = self._clip()
-                last_loss, norm_val, stop = self._check(
-                    loss_sum / accum, norm, preemption.signum is not None
-                )
-                self._optimizer_step()
-                self._update_ema()
-                self.step += 1
+                last_loss, norm, stop = self._update(loss_sum, lr, preemption.signum is not None)
                 if checkpoint_dir is not None and (
                     stop or self.step % cfg.checkpoint_every == 0 or self.step == target
                 ):
                     self.checkpoint(checkpoint_dir)
 
                 total_samples += samples
-                window.steps += 1
-                window.loss += last_loss
-                window.samples += samples
-                if math.isfinite(norm_val):  # fp16 overflow steps are skipped by the scaler
-                    window.norm += norm_val
-                    window.norm_steps += 1
+                window.add(last_loss, norm, samples)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == target:
                     self._report(window, lr, bar)
@@ -469,6 +439,50 @@ class Trainer:
             stopped_early=self.step < target,
             resumed_from=first_step,
         )
+
+    def _bar(self, target: int) -> tqdm:
+        # a capped run usually ends on the clock: say so, or the ETA over `target` misleads
+        cap = self.cfg.max_minutes
+        return tqdm(
+            total=target,
+            initial=min(self.step, target),
+            desc=self.desc if cap is None else f"{self.desc} (<= {cap:g} min)",
+            disable=not (self.progress and self._is_main),
+            dynamic_ncols=True,
+        )
+
+    def _accumulate(self, batch_iter: Iterator[Any]) -> tuple[torch.Tensor, int] | None:
+        """Forward and backward over one optimizer step's cfg.grad_accum batches: the summed
+        loss and the samples seen, or None (that group's gradients dropped) when the batches
+        run out part-way."""
+        accum = self.cfg.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        samples = 0
+        for micro in range(accum):
+            batch = next(batch_iter, _END)
+            if batch is _END:
+                self._opt.zero_grad(set_to_none=True)
+                return None
+            samples += _batch_size(batch, self.cfg.batch_size)
+            batch = _to_device(batch, self.device)
+            with self._no_sync(last=micro == accum - 1):
+                with self._autocast():
+                    loss = self.loss_fn(self._net, batch)
+                loss_sum += loss.detach().float()
+                self._backward(loss / accum)
+        return loss_sum, samples
+
+    def _update(self, loss_sum: torch.Tensor, lr: float, stop: bool) -> tuple[float, float, bool]:
+        """One optimizer step at `lr`: gradients clipped and checked (see _check), then the
+        weights, the EMA and self.step. Returns (loss, grad norm, stop)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        norm = self._clip()
+        loss, norm_val, stop = self._check(loss_sum / self.cfg.grad_accum, norm, stop)
+        self._optimizer_step()
+        self._update_ema()
+        self.step += 1
+        return loss, norm_val, stop
 
     def _time_fraction(self, start: float) -> float:
         """Share of cfg.max_minutes spent since `start` (0 without a cap).
