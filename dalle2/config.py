@@ -30,10 +30,10 @@ class _Strict(BaseModel):
 class DiffusionConfig(_Strict):
     """The Gaussian process of one model; networks never see any of this."""
 
-    schedule: Literal["cosine", "linear"] = "cosine"
+    schedule: Literal["cosine", "linear"] = "cosine"  # noise schedule of training and sampling
     num_steps: int = Field(1000, ge=2, le=10_000)  # training timesteps
     prediction: Literal["eps", "x0", "v"] = "eps"  # what the network outputs
-    loss_weighting: Literal["none", "min_snr", "p2"] = "none"
+    loss_weighting: Literal["none", "min_snr", "p2"] = "none"  # per-timestep loss weights
     min_snr_gamma: float = Field(5.0, gt=0)  # clamp of the SNR weight (Hang et al. 2023)
     learned_variance: bool = False  # hybrid loss of Nichol & Dhariwal 2021
 
@@ -41,8 +41,8 @@ class DiffusionConfig(_Strict):
 class SampleConfig(_Strict):
     """How to draw samples from a trained model."""
 
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
-    steps: int = Field(50, ge=1, le=10_000)
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"  # dpmpp_2m needs the fewest steps
+    steps: int = Field(50, ge=1, le=10_000)  # solver steps
     guidance_scale: float = Field(1.0, ge=0.0)  # 1 = plain conditional prediction
     eta: float = Field(0.0, ge=0.0, le=1.0)  # DDIM stochasticity
     clamp: Literal["none", "static", "dynamic"] = "static"  # images only
@@ -54,20 +54,20 @@ class SampleConfig(_Strict):
 class TrainConfig(_Strict):
     """Optimisation settings shared by every trained model."""
 
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    steps: int = Field(1000, ge=1)  # optimizer steps (each of grad_accum batches)
+    batch_size: int = Field(64, ge=1)  # global, over every process
+    lr: float = Field(3e-4, gt=0)  # peak AdamW learning rate
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * this
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    grad_accum: int = Field(1, ge=1)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    warmup_steps: int = Field(100, ge=0)  # linear LR warm-up
+    weight_decay: float = Field(0.0, ge=0)  # AdamW's, not on norms and biases
+    grad_clip: float = Field(1.0, gt=0)  # max gradient norm
+    grad_accum: int = Field(1, ge=1)  # batches per optimizer step
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # the EMA weights are the ones saved and sampled
     ema_warmup: bool = True  # decay ramps up so early EMA is not stuck at init
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 CPU, fp16 CUDA
-    log_every: int = Field(25, ge=1)
+    log_every: int = Field(25, ge=1)  # steps between metrics sent to MLflow
     checkpoint_every: int = Field(1000, ge=1)  # resumable checkpoints (and at the end, SIGTERM)
-    seed: int = 0
+    seed: int = 0  # weights, data order and noise
     # wall-clock cap per attempt, for laptop budgets; the run then depends on the machine's
     # speed: pin `steps` to the `{model}/steps` it logged to reproduce it
     max_minutes: float | None = Field(None, gt=0)
@@ -89,14 +89,14 @@ class TrainConfig(_Strict):
 class PriorNetConfig(_Strict):
     """Causal transformer that denoises a CLIP image embedding."""
 
-    dim: int = Field(256, ge=8)
-    depth: int = Field(4, ge=1)
+    dim: int = Field(256, ge=8)  # transformer width
+    depth: int = Field(4, ge=1)  # layers
     heads: int = Field(4, ge=1)
     dim_head: int = Field(64, ge=4)
     ff_mult: int = Field(4, ge=1)
     embed_dim: int = Field(512, ge=2)  # CLIP embedding size (image and text)
     text_token_dim: int | None = None  # width of CLIP's per-token encodings; None = unused
-    max_text_len: int = Field(77, ge=1)
+    max_text_len: int = Field(77, ge=1)  # text tokens read (CLIP's context length)
     # "sequence": DALL-E 2's layout, text tokens lead the causal sequence through every layer.
     # "context": every layer's attention reads keys and values projected from the text tokens,
     # which are not updated themselves: a text token then costs a key/value projection per
@@ -110,13 +110,13 @@ class UNetConfig(_Strict):
     """Image denoiser of one decoder stage."""
 
     in_channels: int = 3
-    dim: int = Field(64, ge=8)
-    dim_mults: tuple[int, ...] = (1, 2, 4)
-    num_res_blocks: int = Field(2, ge=1)
+    dim: int = Field(64, ge=8)  # channels at the first level
+    dim_mults: tuple[int, ...] = (1, 2, 4)  # width per level, x dim
+    num_res_blocks: int = Field(2, ge=1)  # residual blocks per level
     attn_levels: tuple[int, ...] = (2,)  # indices into dim_mults that get self-attention
     heads: int = Field(4, ge=1)
     dim_head: int = Field(32, ge=4)
-    image_embed_dim: int = Field(512, ge=2)
+    image_embed_dim: int = Field(512, ge=2)  # CLIP embedding size
     num_image_tokens: int = Field(4, ge=0)  # image embedding as context tokens
     cond_dim: int = Field(128, ge=8)  # width of the context tokens
     # Width of CLIP's per-token text encodings, projected into the context tokens (GLIDE and
@@ -196,32 +196,33 @@ class DataConfig(_Strict):
     source: Literal["shapes64", "emoji"] = "shapes64"
     emoji: EmojiConfig = EmojiConfig()
     url_list: str | None = None  # parquet/csv/tsv with url+caption; None = the source
-    url_col: str = "url"
-    caption_col: str = "caption"
+    url_col: str = "url"  # column names in url_list
+    caption_col: str = "caption"  # column names in url_list
     num_synthetic: int = Field(4000, ge=1)  # shapes64 size when url_list is None
-    synthetic_seed: int = 0
-    image_size: int = Field(64, ge=8)
+    synthetic_seed: int = 0  # shapes64's drawing seed
+    image_size: int = Field(64, ge=8)  # img2dataset resizes to this (px)
     resize_mode: Literal["no", "center_crop", "border", "keep_ratio"] = "center_crop"
     encode_format: Literal["png", "jpg", "webp"] = "png"  # png keeps flat colours exact
-    data_dir: str = "data"
+    data_dir: str = "data"  # relative to the project root; versioned by data.dvc
+    # fewer downloads than this share stop the run
     min_success_ratio: float = Field(0.9, ge=0, le=1)
     processes: int = Field(2, ge=1)
-    threads: int = Field(8, ge=1)
+    threads: int = Field(8, ge=1)  # img2dataset threads per process
     distributor: Literal["multiprocessing", "pyspark"] = "multiprocessing"  # img2dataset's
     # URL schemes img2dataset may fetch; a file:// row would read the pipeline machine's disk
     allowed_url_schemes: tuple[str, ...] = ("http", "https")
-    shard_size: int = Field(1000, ge=1)
-    timeout_s: float = Field(10.0, gt=0)
+    shard_size: int = Field(1000, ge=1)  # images per tar shard
+    timeout_s: float = Field(10.0, gt=0)  # per URL
     # kept out of training: a share of the distinct captions (every image of them), or of
     # the pairs for datasets whose captions never repeat; see data.Holdout
     holdout: Literal["captions", "pairs"] = "captions"
-    holdout_fraction: float = Field(0.05, ge=0, lt=1)
+    holdout_fraction: float = Field(0.05, ge=0, lt=1)  # share of captions (or pairs) held out
     holdout_rules: tuple[HoldoutRule, ...] = ()  # further held-out sets, each measured apart
     shuffle_buffer: int = Field(1000, ge=1)  # samples per loader worker mixed before batching
     # DataLoader processes per training process that read, decode and augment; 0 reads in the
     # training process (best on a 2-core CPU, where a worker competes with the training threads)
     loader_workers: int = Field(2, ge=0)
-    dvc_push: bool = True
+    dvc_push: bool = True  # push the data snapshot to the DVC remote after a download
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -239,7 +240,7 @@ class ClipTowerConfig(_Strict):
     """A small open_clip CLIP, trained from scratch when no pretrained one is named."""
 
     embed_dim: int = Field(512, ge=2)  # CLIP ViT-B-32's, like the prior's and unets' defaults
-    image_size: int = Field(64, ge=8)
+    image_size: int = Field(64, ge=8)  # input size (px)
     vision_width: int = Field(256, ge=8)
     # an int: a ViT of that depth; four ints: open_clip's ModifiedResNet (blocks per stage),
     # whose convolutions learn small shapes from few samples faster than patch embeddings
@@ -248,7 +249,7 @@ class ClipTowerConfig(_Strict):
     text_width: int = Field(256, ge=8)
     text_layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
-    context_length: int = Field(32, ge=2)
+    context_length: int = Field(32, ge=2)  # text tokens
     compact_vocab: bool = True  # keep only the BPE tokens the captions use
 
 
@@ -263,7 +264,7 @@ class ClipConfig(_Strict):
     # horizontal flips in CLIP training; off where the caption says which way (emoji's
     # "facing right", flags, letters)
     random_flip: bool = True
-    embed_batch_size: int = Field(256, ge=1)
+    embed_batch_size: int = Field(256, ge=1)  # images per batch in compute_clip_embeddings
 
     @model_validator(mode="after")
     def _check(self) -> ClipConfig:
@@ -278,6 +279,7 @@ class PriorConfig(_Strict):
     net: PriorNetConfig = PriorNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig(prediction="x0", num_steps=1000)
     use_text_tokens: bool = False  # condition on per-token text encodings too
+    # share trained without the text (classifier-free guidance)
     cond_drop_prob: float = Field(0.1, ge=0, le=1)
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig(steps=64, guidance_scale=1.0, clamp="none")
@@ -287,10 +289,11 @@ class PriorConfig(_Strict):
 class DecoderStageConfig(_Strict):
     """One unet of the decoder cascade, trained on its own."""
 
-    image_size: int = Field(32, ge=8)
+    image_size: int = Field(32, ge=8)  # output size (px)
     lowres_size: int | None = None  # set for upsamplers: size of the previous stage
     unet: UNetConfig = UNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    # share trained without the image embedding (guidance)
     cond_drop_prob: float = Field(0.1, ge=0, le=1)
     # DALL-E 2 drops the caption half of the time: the unet still draws from the image
     # embedding alone (variations, prompts whose tokens it never saw)
@@ -319,10 +322,10 @@ class EvalConfig(_Strict):
     """What the evaluate step samples and measures."""
 
     num_prompts: int = Field(64, ge=1)  # captions sampled for metrics
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # images sampled at once
     inception_weights: str | None = None  # path to torch-fidelity's InceptionV3 weights
-    grid_size: int = Field(16, ge=1)
-    seed: int = 0
+    grid_size: int = Field(16, ge=1)  # pairs in samples.png
+    seed: int = 0  # the prompts' and the noise's
 
 
 class RegistryConfig(_Strict):
@@ -332,16 +335,16 @@ class RegistryConfig(_Strict):
     # a metric of the evaluate step; held-out captions (unseen_captions/...) measure what
     # a user's new prompt gets, seen_captions/... what training already covered
     metric: str = "unseen_captions/fidelity_all"
-    greater_is_better: bool = True
+    greater_is_better: bool = True  # the metric's direction
     alias: str = Field("champion", min_length=1)  # moved to a new version only when it is better
 
 
 class UnclipConfig(_Strict):
     """The whole pipeline's configuration (the `config` parameter in zenml_config.yaml)."""
 
-    name: str = "shapes64"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    progress: bool = True
+    name: str = "shapes64"  # the run's name in MLflow
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where there is one
+    progress: bool = True  # tqdm bars
     data: DataConfig = DataConfig()
     clip: ClipConfig = ClipConfig()
     prior: PriorConfig = PriorConfig()
