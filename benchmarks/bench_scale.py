@@ -38,7 +38,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from _common import cpu_name, flops, markdown, matmul_peak, peak_rss_mib
 
 if TYPE_CHECKING:
     import torch
@@ -185,12 +186,6 @@ def _bench_config(spec: dict[str, Any], steps: int, processes: int = 1) -> Uncli
 
 def _timed_steps(spec: dict[str, Any]) -> int:
     return spec["log_every"] * (spec["warmup_windows"] + spec["windows"])
-
-
-def _rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _children() -> list[int]:
@@ -331,7 +326,7 @@ def _child_rss(spec: dict[str, Any]) -> dict[str, Any]:
             load_s = time.perf_counter() - t0
             result = _fit_in_memory(cfg, images, embeds, None)
     return {
-        "peak_mib": _rss_mib(),
+        "peak_mib": peak_rss_mib(),
         "worker_peak_mib": workers.mib,  # None: no loader worker
         "steps": result.steps,
         "load_s": load_s,
@@ -339,14 +334,8 @@ def _child_rss(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flops_per_sample(cfg: UnclipConfig) -> float:
-    """FLOPs of one training forward + backward of the base unet's loss, per sample.
-
-    sdpa runs its math backend here because torch's FLOP counter has no formula for the
-    CPU flash-attention kernel and would count attention as zero.
-    """
+    """FLOPs of one training forward + backward of the base unet's loss, per sample."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     from dalle2.decoder import DecoderStage
 
@@ -355,27 +344,19 @@ def _flops_per_sample(cfg: UnclipConfig) -> float:
     stage = DecoderStage(s).train()
     images = torch.rand(b, 3, size, size) * 2 - 1  # loaded size: the loss resizes
     embed = torch.randn(b, s.unet.image_embed_dim)
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        stage(images, embed).backward()
-    return counter.get_total_flops() / b
+    return flops(lambda: stage(images, embed)) / b
 
 
 def _sgemm_gflops(threads: int, n: int, seconds: float) -> float:
-    """Best fp32 n x n matmul rate over `seconds` on `threads` threads: the machine's peak."""
+    """The fp32 matmul peak on `threads` threads."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=c)  # warm-up: thread pool and packing buffers
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    torch.set_num_threads(before)
-    return 2 * n**3 / best / 1e9
+    try:
+        return matmul_peak(torch.device("cpu"), torch.float32, seconds, n)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _log(text: str) -> None:
@@ -553,28 +534,9 @@ def _rows_c(res: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def _markdown(rows: list[tuple[str, ...]]) -> str:
-    head = ("figure", "value(s)", "ratio", "% of peak", "target")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), sep, *(line(r) for r in rows)])
-
-
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     torch, python = importlib.metadata.version("torch"), platform.python_version()
-    return f"CPU {cpu}, {os.cpu_count()} logical cores, torch {torch}, Python {python}"
+    return f"CPU {cpu_name()}, {os.cpu_count()} logical cores, torch {torch}, Python {python}"
 
 
 def _report_child(label: str, spec: dict[str, Any], timeout: float | None) -> dict[str, Any] | None:
@@ -669,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += _rows_c(res["c"])
 
     print()
-    print(_markdown(rows))
+    print(markdown(("figure", "value(s)", "ratio", "% of peak", "target"), rows))
     print(
         "\nratio: a. 40k / 4k peak RSS (large / small set); b. streaming / in-memory; "
         "c. samples/s / that of 1 process on all threads. samples/s: Trainer.fit's metrics "

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -37,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _common import cpu_name, flops, markdown, peak_rss_mib
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -328,12 +328,6 @@ def _ref_decoder(spec: dict[str, Any], device: Any) -> Workload:
     )
 
 
-def _rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
 def _count_calls(module: Any) -> list[int]:
     """Count forward calls through an instance-level wrapper: the reference calls
     `self.forward` directly inside forward_with_cond_scale, which skips module hooks."""
@@ -400,7 +394,7 @@ def _measure(
         losses.append(train_step())
         sync()
         step_s.append(time.perf_counter() - t0)
-    rss_train = _rss_mib()
+    rss_train = peak_rss_mib()
     cuda_train = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
     work.model.eval()
@@ -428,29 +422,19 @@ def _measure(
         "final_loss": losses[-1],
         "sampling": sampling,
         "rss_after_train_mib": rss_train,
-        "rss_peak_mib": _rss_mib(),
-        "rss_above_torch_mib": _rss_mib() - rss_import,
+        "rss_peak_mib": peak_rss_mib(),
+        "rss_above_torch_mib": peak_rss_mib() - rss_import,
         "cuda_peak_train_mib": cuda_train,
     }
 
 
 def _train_flops_per_sample(work: Workload) -> float:
-    """FLOPs of one training forward + backward, per sample, as torch counts them.
-
-    Both sides run sdpa's math backend here: torch's FLOP counter has no formula for the
-    CPU flash-attention kernel, so our attention would otherwise count as zero (the
-    reference's einsum attention is counted either way). fp32, outside autocast: the count
-    does not depend on the dtype.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of one training forward + backward, per sample, as torch counts them (both
+    sides under sdpa's math backend, fp32, outside autocast: see _common.flops)."""
     work.model.train()
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        work.loss().backward()
+    total = flops(work.loss)
     work.model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / work.batch
+    return total / work.batch
 
 
 def child_main(spec_json: str) -> None:
@@ -463,7 +447,7 @@ def child_main(spec_json: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rss_import = _rss_mib()  # baseline: torch alone, before either library is imported
+    rss_import = peak_rss_mib()  # baseline: torch alone, before either library is imported
     case, side = spec["case"], spec["side"]
     if side == "ours":
         if case == "decoder":
@@ -583,27 +567,6 @@ def _rows(
     return rows
 
 
-def _markdown(rows: list[tuple[str, ...]]) -> str:
-    head = ("config", "figure", "ours", "reference", "ratio")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), sep, *(line(r) for r in rows)])
-
-
-def _cpu_name() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script")
@@ -666,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{spec['warmup']} warm-up + {spec['steps']} timed training steps per side "
         f"(samples/s from the median step); our unet layout {spec['unet_layout']}, "
         f"prior text tokens as {spec['prior_text_tokens']}; "
-        f"CPU {_cpu_name()}, {os.cpu_count()} logical cores",
+        f"CPU {cpu_name()}, {os.cpu_count()} logical cores",
         flush=True,
     )
     results: dict[str, dict[str, Any] | None] = {}
@@ -695,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         rows += _rows(case, results.get(f"{case}/ours"), results.get(f"{case}/reference"), spec)
     print()
-    print(_markdown(rows))
+    print(markdown(("config", "figure", "ours", "reference", "ratio"), rows))
     print(
         "\nratio: speed rows are ours/reference throughput (= reference/ours time), > 1 means "
         "ours is faster; GFLOP/sample, RSS, CUDA memory and parameter rows are "

@@ -73,6 +73,9 @@ class TrainConfig(_Strict):
     max_minutes: float | None = Field(None, gt=0)
     # data-parallel processes (torchrun); batch_size stays the global batch, split across them
     num_processes: int = Field(1, ge=1)
+    # torch.compile of the training forward (fused kernels); auto: on CUDA only. Where the
+    # compiler fails (no C++ compiler on CPU), training goes on without it, with a warning
+    compile: Literal["off", "on", "auto"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -259,3 +259,46 @@ def test_fp16_uses_grad_scaler() -> None:
     except RuntimeError as err:  # some CPU builds lack fp16 kernels
         pytest.skip(f"fp16 autocast unsupported on this CPU build: {err}")
     assert result.steps == 3 and math.isfinite(result.final_loss)
+
+
+# ----------------------------------------------------------------------------- train.compile
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path: Any) -> None:
+    """train.compile: on trains the same model as off (to float rounding), and what it saves
+    and resumes is the plain network's state, not torch.compile's wrapper."""
+    batches = make_batches(12)
+    eager = Trainer(tiny_model(), make_cfg(steps=12, compile="off"), mse, progress=False)
+    eager.fit(batches)
+    compiled = Trainer(tiny_model(), make_cfg(steps=12, compile="on"), mse, progress=False)
+    assert compiled._forward is not compiled._net
+    compiled.fit(batches)
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    compiled.save(tmp_path / "ckpt")
+    again = Trainer(tiny_model(1), make_cfg(steps=12, compile="on"), mse, progress=False)
+    again.load(tmp_path / "ckpt")
+    for a, b in zip(
+        again.model.state_dict().values(), compiled.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch: Any) -> None:
+    """No usable C++ compiler for inductor on CPU: one warning, and training goes on."""
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    trainer = Trainer(tiny_model(), make_cfg(steps=3, compile="on"), mse, progress=False)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        result = trainer.fit(make_batches(3))
+    assert result.steps == 3 and trainer._forward is trainer._net
+    torch._dynamo.reset()
+
+
+def test_auto_compiles_on_cuda_only() -> None:
+    from dalle2.training.trainer import compile_on
+
+    assert compile_on("auto", torch.device("cuda")) and not compile_on("auto", torch.device("cpu"))
+    assert compile_on("on", torch.device("cpu")) and not compile_on("off", torch.device("cuda"))

@@ -133,6 +133,12 @@ def _batch_size(batch: Any, default: int) -> int:
     return int(t.shape[0]) if t is not None and t.ndim > 0 else default
 
 
+def compile_on(setting: str, device: torch.device) -> bool:
+    """Whether train.compile compiles here: `auto` compiles on CUDA only (on this project's
+    2-core CPU the compiled base unet was no faster: benchmarks/compile.py)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 class TrainingInterruptedError(RuntimeError):
     """SIGTERM stopped training after a checkpoint (raised where the signal did not end it)."""
 
@@ -261,6 +267,11 @@ class Trainer:
             self._dtype = autocast_dtype(self.device, cfg.precision)
             if self._dtype == torch.float16:
                 self._scaler = torch.amp.GradScaler(self.device.type)
+        # The loss is computed through `_forward`: torch.compile's wrapper of the (DDP) net,
+        # or the net itself; DDP's no_sync and gradient clipping keep using `_net`.
+        self._forward: nn.Module = self._net
+        if compile_on(cfg.compile, self.device):
+            self._forward = torch.compile(self._net)
 
     # ------------------------------------------------------------------ small pieces
 
@@ -292,6 +303,22 @@ class Trainer:
         if self.accelerator is None or last:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self._net)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        if self._forward is self._net:
+            return self.loss_fn(self._net, batch)
+        try:
+            return self.loss_fn(self._forward, batch)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            # e.g. no C++ compiler for inductor on CPU: the step is the same without it
+            why = str(err).strip().splitlines()[-1][:200]
+            warnings.warn(
+                f"{self.desc}: torch.compile failed ({why}); training without it "
+                "(set train.compile: off to skip the attempt)",
+                stacklevel=2,
+            )
+            self._forward = self._net
+            return self.loss_fn(self._net, batch)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:
@@ -467,7 +494,7 @@ class Trainer:
             batch = _to_device(batch, self.device)
             with self._no_sync(last=micro == accum - 1):
                 with self._autocast():
-                    loss = self.loss_fn(self._net, batch)
+                    loss = self._loss(batch)
                 loss_sum += loss.detach().float()
                 self._backward(loss / accum)
         return loss_sum, samples
