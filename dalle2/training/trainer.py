@@ -134,8 +134,9 @@ def _batch_size(batch: Any, default: int) -> int:
 
 
 def compile_on(setting: str, device: torch.device) -> bool:
-    """Whether train.compile compiles here: `auto` compiles on CUDA only (on this project's
-    2-core CPU the compiled base unet was no faster: benchmarks/compile.py)."""
+    """Whether train.compile compiles here. `auto` compiles on CUDA only: on a 2-core CPU
+    compiled training ran 1.2-1.4x faster, but its first compile (25-100 s) ate most of
+    that on the default's short runs (docs/benchmarks.md, compile.py)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
