@@ -95,10 +95,16 @@ QUICK: dict[str, Any] = {
 
 
 def build_shard_set(
-    root: Path, images: int, shard_size: int, embed_dim: int, image_size: int
+    root: Path,
+    images: int,
+    shard_size: int,
+    embed_dim: int,
+    image_size: int,
+    tokens: tuple[int, int] | None = None,
 ) -> tuple[Path, Path]:
     """shapes64 as img2dataset lays it out (tars of {key}.png + {key}.txt) plus aligned
-    embedding shards of random float16 rows; reused when a complete copy is cached.
+    embedding shards of random float16 rows (and, with `tokens` = (length, width), caption
+    token encodings for a unet that reads them); reused when a complete copy is cached.
 
     Embedding values do not matter for memory or speed, so no CLIP is run. complete.json is
     written last: a set without it was cut short and is rebuilt.
@@ -113,7 +119,8 @@ def build_shard_set(
     from dalle2.data.shapes64 import all_specs, render
     from dalle2.data.shards import write_embedding_shard
 
-    out = root / f"shapes64-{images}-{image_size}px-per{shard_size}-e{embed_dim}"
+    tag = f"-t{tokens[0]}x{tokens[1]}" if tokens else ""
+    out = root / f"shapes64-{images}-{image_size}px-per{shard_size}-e{embed_dim}{tag}"
     shard_dir, emb_dir = out / "shards", out / "embeddings"
     if (out / "complete.json").is_file():
         return shard_dir, emb_dir
@@ -141,6 +148,10 @@ def build_shard_set(
             name: rng.standard_normal((len(keys), embed_dim)).astype(np.float16)
             for name in ("image_embed", "text_embed")
         }
+        if tokens:
+            shape = (len(keys), *tokens)
+            rows["text_tokens"] = rng.standard_normal(shape).astype(np.float16)
+            rows["text_mask"] = np.ones(shape[:2], bool)
         write_embedding_shard(emb_dir, f"{s:05d}", keys, captions, rows)
     (out / "complete.json").write_text(json.dumps({"images": images, "shard_size": shard_size}))
     print(f"  built {out} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -306,9 +317,8 @@ def _fit_streaming(
     from dalle2.recipes.decoder import fit_decoder_stage
     from dalle2.training.fit import Run
 
-    _, result = fit_decoder_stage(
-        cfg, 0, shard_dir, emb_dir, Run(torch.device("cpu"), None, callback, False)
-    )
+    run = Run(torch.device("cpu"), None, callback, False)
+    _, result = fit_decoder_stage(cfg.decoder[0], 0, cfg.data, shard_dir, emb_dir, run)
     return result
 
 
@@ -402,7 +412,8 @@ def _speed_c(spec: dict[str, Any], shard_dir: Path, emb_dir: Path) -> dict[str, 
             try:
                 _, result = train_stage(
                     "decoder",
-                    cfg,
+                    cfg.decoder[0],
+                    cfg.data,
                     inputs,
                     device=torch.device("cpu"),
                     callback=windows,
@@ -597,7 +608,14 @@ def main(argv: list[str] | None = None) -> int:
     needed = sizes["images"] if "a" in parts else sizes["images"][:1]
     sets = {
         n: build_shard_set(
-            args.workdir, n, sizes["shard_size"], base.unet.image_embed_dim, cfg.data.image_size
+            args.workdir,
+            n,
+            sizes["shard_size"],
+            base.unet.image_embed_dim,
+            cfg.data.image_size,
+            (cfg.clip.tower.context_length, base.unet.text_token_dim)
+            if base.unet.text_token_dim
+            else None,
         )
         for n in needed
     }
