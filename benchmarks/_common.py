@@ -84,6 +84,14 @@ def matmul_peak(
     return 2 * n**3 / best / 1e9
 
 
+def flops_per_sample(
+    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], batch: dict
+) -> float:
+    """Training FLOPs per sample, counted on a one-row batch (on the CPU, where the model
+    is built): a per-sample count does not need the whole batch."""
+    return flops(lambda: loss_fn(model, {k: v[:1] for k, v in batch.items()}))
+
+
 def flops(fn: Callable[[], torch.Tensor]) -> float:
     """FLOPs of `fn()` and its backward. sdpa runs its math backend while counting: torch's
     counter has no formula for the fused attention kernels and would count them as zero."""
@@ -97,7 +105,7 @@ def flops(fn: Callable[[], torch.Tensor]) -> float:
 
 
 def training_case(
-    cfg: UnclipConfig, which: str, device: torch.device, batch_size: int | None = None
+    cfg: UnclipConfig, which: str, batch_size: int | None = None
 ) -> tuple[torch.nn.Module, Callable[[torch.nn.Module, Any], torch.Tensor], dict, Any]:
     """(model, loss_fn, batch, train config) of one model of `cfg` ('clip', 'prior' or
     'decoder.I'), with a random batch of the shapes the pipeline feeds it, so a benchmark

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _common import (
     default_config,
-    flops,
+    flops_per_sample,
     machine,
     markdown,
     matmul_peak,
@@ -52,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"machine": machine(device), "peak_gflops": peak, "models": {}}
     rows = []
     for which in args.only or list(MODELS):
-        model, loss_fn, batch, train = training_case(cfg, which, torch.device("cpu"))
+        model, loss_fn, batch, train = training_case(cfg, which)
         if args.quick:
             batch = {k: v[:4] for k, v in batch.items()}
         b = next(iter(batch.values())).shape[0]
-        per_sample = flops(lambda: loss_fn(model, batch)) / b  # noqa: B023
+        per_sample = flops_per_sample(model, loss_fn, batch)
         best: dict[str, dict[str, float]] = {}
         for _ in range(rounds):
             for setting in ("off", "on"):
                 torch._dynamo.reset()
-                model, loss_fn, batch, train = training_case(cfg, which, torch.device("cpu"), b)
+                model, loss_fn, batch, train = training_case(cfg, which, b)
                 train = train.model_copy(update={"compile": setting, "warmup_steps": 0})
                 got = time_training(model, loss_fn, batch, train, device, steps)
                 print(f"{which} compile={setting}: {got}", flush=True)

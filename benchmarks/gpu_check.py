@@ -32,7 +32,7 @@ import torch
 from _common import (
     ROOT,
     default_config,
-    flops,
+    flops_per_sample,
     machine,
     markdown,
     matmul_peak,
@@ -52,8 +52,8 @@ def _training(cfg: UnclipConfig, device: torch.device, smoke: bool, peak: float)
     for which in stages:
         train_of = cfg.prior.train if which == "prior" else cfg.decoder[int(which[-1])].train
         per_process = 4 if smoke else train_of.batch_size // train_of.num_processes
-        model, loss_fn, batch, train = training_case(cfg, which, device, per_process)
-        per_sample = flops(lambda: loss_fn(model, batch)) / per_process  # noqa: B023
+        model, loss_fn, batch, train = training_case(cfg, which, per_process)
+        per_sample = flops_per_sample(model, loss_fn, batch)
         precision = "fp32" if smoke else "bf16"
         train = train.model_copy(update={"precision": precision, "num_processes": 1})
         got = time_training(model, loss_fn, batch, train, device, steps=3 if smoke else 30)
