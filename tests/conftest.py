@@ -1,4 +1,9 @@
-"""Test isolation: ZenML, MLflow, DVC and torch state live in a temp dir, never the user's."""
+"""Test isolation: ZenML, MLflow, DVC and torch state live in a temp dir, never the user's.
+
+The suite runs on pytest-xdist workers (pyproject.toml's addopts): each worker imports this
+file, so each has its own state dir, and the cores are shared out between the workers' torch
+threads (two workers each on every core of a 2-core host run about 6x slower, not 2x).
+"""
 
 from __future__ import annotations
 
@@ -32,7 +37,74 @@ os.environ.update(
     }
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # inherited by every subprocess a test starts, torchrun's included
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+_TEAM_FILES = ("test_team_stack", "test_team_pipeline")  # one shared stack: never two at once
+# The longest groups (pytest --durations), handed out first so that no worker starts one
+# of them when the others are nearly done
+_LONGEST_FIRST = ("team_stack", "test_pipeline_e2e", "test_real_preset", "test_emoji")
+
+
+def _group(path: str) -> str:
+    """A test file's xdist work unit: its own, or the team stack's, whose servers some of its
+    tests stop and start."""
+    stem = Path(path).stem
+    return "team_stack" if stem in _TEAM_FILES else stem
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole files to a worker, so a module's fixtures (a pipeline run, a server) are built
+    once; both team-stack files to the same one. (xdist's own `loadgroup` does not group
+    under pytest 9.2: it renames items through an attribute pytest no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid.split("::", 1)[0])
+
+    return ByGroup(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest groups first (a stable sort: each file keeps its own order)."""
+
+    def rank(item: pytest.Item) -> int:
+        group = _group(str(item.path))
+        return _LONGEST_FIRST.index(group) if group in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
+_REGISTER = """
+import sys
+from pathlib import Path
+
+from zenml.client import Client
+from zenml.enums import StackComponentType as T
+
+root, stack, uri = sys.argv[1:]
+Client.initialize(Path(root))
+c = Client()
+c.create_stack_component("mlflow_tracker", "mlflow", T.EXPERIMENT_TRACKER, {"tracking_uri": uri})
+components = {T.ORCHESTRATOR: "default", T.ARTIFACT_STORE: "default"}
+c.create_stack(stack, components={**components, T.EXPERIMENT_TRACKER: "mlflow_tracker"})
+c.activate_stack(stack)
+"""
+
+
+def register_stack(root: Path, stack: str, tracking_uri: str) -> None:
+    """`zenml init` in root, an MLflow tracker `mlflow_tracker` at tracking_uri and the active
+    stack `stack` with it: what scripts/setup.sh registers, in one Python process (each
+    `zenml` command takes seconds to start). The ZenML store is the environment's."""
+    env = {**os.environ, "ZENML_REPOSITORY_PATH": str(root)}
+    cmd = [sys.executable, "-c", _REGISTER, str(root), stack, tracking_uri]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"registering {stack} failed:\n{proc.stderr[-4000:]}")
 
 
 def write_shard_set(

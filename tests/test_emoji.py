@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import register_stack
 from PIL import Image
 from test_download import _read_samples
 from test_pipeline_e2e import BIN, PIPELINE, REPO, run
@@ -745,17 +746,14 @@ def emoji_run(tarballs: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
             "DALLE2_TEST_EMOJI_PINS",
             json.dumps({k: dataclasses.asdict(p) for k, p in pins.items()}),
         )
-        dvc, zenml = BIN / "dvc", BIN / "zenml"
+        dvc = BIN / "dvc"
         for cmd in (  # as test_pipeline_e2e's project; no path here holds a space
             "git init -q",
             f"{dvc} init -q",
             f"{dvc} remote add -d local {root.parent / 'emoji-remote'}",
-            f"{zenml} init",
-            f"{zenml} experiment-tracker register mlflow_tracker --flavor=mlflow "
-            f"--tracking_uri=sqlite:///{root / 'mlruns.db'}",
-            f"{zenml} stack register emoji_stack -o default -a default -e mlflow_tracker --set",
         ):
             run(cmd.split(), root)
+        register_stack(root, "emoji_stack", f"sqlite:///{root / 'mlruns.db'}")
         command = ["pipeline", "run", PIPELINE, "-c", "tiny-emoji.yaml"]
         run([sys.executable, str(root / "pinned_zenml.py"), *command], root)
     return root

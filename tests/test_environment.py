@@ -15,6 +15,7 @@ import torch
 
 from dalle2.tracking import environment
 from dalle2.tracking.environment import Environment
+from steps._shared import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,3 +136,19 @@ def test_equal_files_in_another_environment_are_not_called_reproduced(
         "equal but not an exact reproduction: all 1 model files and 0 metrics are equal in "
         "another environment (torch differs: 2.14.1 in the run, 2.15.0 now)"
     )
+
+
+def test_the_data_pointer_alone_does_not_make_a_checkout_dirty(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "data.dvc").write_text("outs: [{md5: a.dir}]\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    assert git_commit(tmp_path)[1] is False
+    (tmp_path / "data.dvc").write_text("outs: [{md5: b.dir}]\n")  # the pipeline's own rewrite
+    assert git_commit(tmp_path)[1] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path)[1] is True

@@ -1,11 +1,17 @@
 """The whole pipeline through ZenML's CLI on a tiny config, read back from a real MLflow
-server over REST, used by `dalle2 generate`, then reproduced from its DVC snapshot."""
+server over REST, used by `dalle2 generate`, reproduced by `dalle2 reproduce` from its
+commit and DVC snapshot, then killed and resumed. One pipeline run serves them all.
+
+The project is a committed copy of this repository's files (reproduce checks a commit out),
+with the stack and relative MLflow URI scripts/setup.sh registers.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,20 +19,25 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import register_stack
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PIPELINE = "pipelines.unclip.unclip_pipeline"
+EXPERIMENT = "unclip-test"  # tiny.yaml's
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in the project; ZenML finds its repository in the project dir."""
-    env = {**os.environ, "ZENML_REPOSITORY_PATH": str(cwd)}
+    env = {**os.environ, **(env or {}), "ZENML_REPOSITORY_PATH": str(cwd)}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -35,41 +46,19 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh project: git + DVC with a local remote + ZenML stack with MLflow (sqlite)."""
-    root = tmp_path_factory.mktemp("project")
+    """A committed copy of the repository with tiny.yaml at its root and setup.sh's stack."""
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():  # the working tree's version: what these tests test
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
     shutil.copy(REPO / "tests" / "configs" / "tiny.yaml", root / "tiny.yaml")
-    run(["git", "init", "-q"], root)
-    run([str(BIN / "dvc"), "init", "-q"], root)
-    run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "dvc-remote")], root)
-    zenml = str(BIN / "zenml")
-    run([zenml, "init"], root)
-    run(
-        [
-            zenml,
-            "experiment-tracker",
-            "register",
-            "mlflow_tracker",
-            "--flavor=mlflow",
-            f"--tracking_uri=sqlite:///{root / 'mlruns.db'}",
-        ],
-        root,
-    )
-    run(
-        [
-            zenml,
-            "stack",
-            "register",
-            "test_stack",
-            "-o",
-            "default",
-            "-a",
-            "default",
-            "-e",
-            "mlflow_tracker",
-            "--set",
-        ],
-        root,
-    )
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "snapshot"]):
+        run(cmd, root)
+    register_stack(root, "unclip_stack", "sqlite:///mlruns.db")  # relative, as setup.sh's
     return root
 
 
@@ -136,7 +125,9 @@ def runs_of(base: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def first_run(project: Path) -> Path:
-    run([str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "tiny.yaml"], project)
+    # the committed copy's code, not the editable install's (which others may be editing)
+    command = [str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "tiny.yaml"]
+    run(command, project, env={"PYTHONPATH": str(project)})
     return project
 
 
@@ -239,20 +230,114 @@ def test_generate_from_latest_run(first_run: Path) -> None:
         assert img.size == (32, 32) and img.mode == "RGB"
 
 
-def test_rerun_from_dvc_snapshot_trains_on_identical_data(
-    first_run: Path, mlflow_server: str
-) -> None:
-    md5 = (first_run / "data.dvc").read_text()
-    shutil.rmtree(first_run / "data")
-    shutil.rmtree(first_run / ".dvc" / "cache")
-    run([str(BIN / "dvc"), "pull", "-q"], first_run)
-    run([str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "tiny.yaml"], first_run)
-    assert (first_run / "data.dvc").read_text() == md5
-    runs = runs_of(mlflow_server)
+def _runs(root: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_reproduce_latest_trains_the_same_models_and_metrics(first_run: Path) -> None:
+    """`dalle2 reproduce latest`: the run's commit checked out, its data pulled from the DVC
+    remote by the snapshot's md5, everything trained again, and the models and metrics
+    compared file by file."""
+    root = first_run
+    original = _runs(root)[0].info.run_id
+    # the data must come from the remote, which the committed .dvc/config names relatively
+    shutil.rmtree(root / ".dvc" / "cache")
+    proc = run(
+        [
+            str(BIN / "dalle2"),
+            "reproduce",
+            "latest",
+            "--tracking-uri",
+            f"sqlite:///{root}/mlruns.db",
+        ],
+        root,
+    )
+    out = proc.stdout
+    assert "reproduce: same environment (lock, packages, Python, torch, device)" in out
+    summary = re.search(r"reproduced: all (\d+) model files and (\d+) metrics are equal", out)
+    assert summary, out[-4000:]
+    table = out[out.rindex("original ") :]  # the comparison, after the pipeline's own output
+    files, metrics = int(summary[1]), int(summary[2])
+    assert files >= 4 * 3, "clip, prior and two unets: kind.txt, a .json and weights each"
+    assert metrics >= 20
+    assert "DIFFERS" not in table
+    for name in ("models/prior/", "models/decoder_unet_1/", "clip/final_loss", "fidelity_all"):
+        assert name in table, f"{name} was not compared"
+    for timing in ("time/", "samples_per_s", "sample_seconds_per_image", "resumed_from_step"):
+        assert timing not in table, f"{timing}: timings are not compared"
+
+    runs = _runs(root)
     assert len(runs) == 2
-    tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
-    assert tags[0]["data_md5"] == tags[1]["data_md5"]
-    assert tags[1]["download_skipped"] == "True"
+    assert runs[1].data.tags["reproduces"] == original
+    # a step ZenML hands back from its cache logs nothing: these were trained again
+    assert runs[1].data.metrics["decoder_unet_0/steps"] == 120
+    assert runs[1].data.tags["data_md5"] == runs[0].data.tags["data_md5"]
+    assert runs[1].data.tags["download_skipped"] == "True", "the snapshot's data, not a download"
+    work = root / ".cache" / "reproduce" / original
+    head = run(["git", "rev-parse", "HEAD"], work).stdout.strip()
+    assert head == runs[0].data.tags["git_commit"]
+    assert (work / "data.dvc").read_text() == (root / "data.dvc").read_text()
+    assert any((root / ".dvc" / "cache").rglob("*.dir")), "pulled into the project's cache"
+
+
+def test_a_run_from_another_lock_is_refused_before_anything_trains(first_run: Path) -> None:
+    from mlflow import MlflowClient
+
+    from dalle2.tracking import environment
+
+    root = first_run
+    uri = f"sqlite:///{root}/mlruns.db"
+    client = MlflowClient(tracking_uri=uri)
+    runs = _runs(root)
+    original = runs[0].info.run_id
+    recorded = runs[0].data.tags["env.lock_sha256"]
+    assert recorded == environment.lock_sha256(root), "the run logged the project's uv.lock"
+    freeze = client.download_artifacts(original, environment.ARTIFACT, str(root / ".cache"))
+    assert f"torch=={version('torch')}" in Path(freeze).read_text().splitlines()
+    client.set_tag(original, "env.lock_sha256", "0" * 64)  # as if trained from another lock
+    try:
+        proc = subprocess.run(
+            [str(BIN / "dalle2"), "reproduce", original, "--tracking-uri", uri],
+            cwd=root,
+            env={**os.environ, "ZENML_REPOSITORY_PATH": str(root)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        client.set_tag(original, "env.lock_sha256", recorded)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        f"reproduce: the lock differs: the run had uv.lock {'0' * 12}, this checkout has "
+        f"{recorded[:12]}" in proc.stdout
+    )
+    assert proc.stderr.strip() == (
+        f"dalle2: error: the lock differs from run {original}'s, so its weights cannot come out "
+        "bit-identical; check out its commit's uv.lock and run `bash scripts/setup.sh`, "
+        "or pass --other-env to train and compare anyway"
+    )
+    assert len(_runs(root)) == len(runs), "nothing was trained"
+
+
+def test_unknown_run_is_one_sentence_and_exit_code_2(first_run: Path) -> None:
+    root = first_run
+    uri = f"sqlite:///{root}/mlruns.db"
+    proc = subprocess.run(
+        [str(BIN / "dalle2"), "reproduce", "0123456789abcdef", "--tracking-uri", uri],
+        cwd=root,
+        env={**os.environ, "ZENML_REPOSITORY_PATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == f"dalle2: error: MLflow run 0123456789abcdef was not found at {uri}"
+    )
 
 
 def test_bad_config_fails_before_any_step(project: Path) -> None:

@@ -20,6 +20,7 @@ import open_clip
 import pandas as pd
 import pytest
 import yaml
+from conftest import register_stack
 from safetensors.torch import save_file
 from test_pipeline_e2e import BIN, PIPELINE, REPO, run
 
@@ -151,15 +152,7 @@ def _run_preset(root: Path, assets: Path) -> None:
     run(["git", "init", "-q"], root)
     run([str(BIN / "dvc"), "init", "-q"], root)
     run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(assets / "dvc-remote")], root)
-    zenml = str(BIN / "zenml")
-    run([zenml, "init"], root)
-    tracker = f"--tracking_uri=sqlite:///{root / 'mlruns.db'}"
-    run(
-        [zenml, "experiment-tracker", "register", "mlflow_tracker", "--flavor=mlflow", tracker],
-        root,
-    )
-    components = ["-o", "default", "-a", "default", "-e", "mlflow_tracker"]
-    run([zenml, "stack", "register", "real_stack", *components, "--set"], root)
+    register_stack(root, "real_stack", f"sqlite:///{root / 'mlruns.db'}")
 
     write_tiny_clip(assets / "clip")
     www = assets / "www"
@@ -172,7 +165,7 @@ def _run_preset(root: Path, assets: Path) -> None:
         run_yaml = shrunk(url_list, assets / "clip")
         parse_config(run_yaml["parameters"]["config"])  # a bad override fails here, not in ZenML
         (root / "real.yaml").write_text(yaml.safe_dump(run_yaml, sort_keys=False))
-        run([zenml, "pipeline", "run", PIPELINE, "-c", "real.yaml"], root)
+        run([str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "real.yaml"], root)
 
 
 def test_preset_runs_end_to_end_with_pretrained_clip_and_text_tokens(real_run: Path) -> None:
