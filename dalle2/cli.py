@@ -285,12 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dalle2.clip import ClipWeightsError
     from dalle2.models import ModelFileError
     from dalle2.tracking.reproduce import ReproduceError
 
-    user_errors = (UserError, ReproduceError, ConfigError, ClipWeightsError, ModelFileError)
-    try:
+    user_errors = (UserError, ReproduceError, ConfigError, ModelFileError)
+    try:  # RuntimeError: dalle2.clip.ClipWeightsError among others
         code = args.func(args)
     except (*user_errors, FileNotFoundError, RuntimeError) as err:
         print(f"dalle2: error: {err}", file=sys.stderr)

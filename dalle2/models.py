@@ -11,7 +11,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -19,10 +19,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from dalle2.clip import OpenClip, load_clip
 from dalle2.config import DecoderStageConfig, PriorConfig
 from dalle2.decoder import Decoder, DecoderStage
 from dalle2.prior import DiffusionPrior
+
+if TYPE_CHECKING:  # open_clip (with timm and torchvision) takes seconds to import: a
+    from dalle2.clip import OpenClip  # training worker of the prior or a unet needs none of it
 
 Kind = Literal["clip", "prior", "decoder_stage"]
 KINDS = ("clip", "prior", "decoder_stage")
@@ -204,6 +206,8 @@ def _expect(artifact: ModelArtifact, kind: Kind) -> None:
 
 
 def unpack_clip(artifact: ModelArtifact) -> OpenClip:
+    from dalle2.clip import load_clip
+
     _expect(artifact, "clip")
     with tempfile.TemporaryDirectory() as tmp:
         try:
