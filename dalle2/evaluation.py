@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_fidelity
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -62,6 +61,8 @@ def empty_canvas(images: Tensor, min_fraction: float = 0.005, distance: float = 
 
 def register_clip_extractor(clip: torch.nn.Module) -> str:
     """Register `clip`'s image tower as a torch-fidelity feature extractor; returns its name."""
+    import torch_fidelity  # with torchvision: seconds to import, paid only where measured
+
     name = f"dalle2-clip-{os.getpid()}-{next(_ids)}"
 
     class ClipFeatures(torch_fidelity.FeatureExtractorBase):
@@ -124,6 +125,8 @@ def frechet_distance(
 
     Both inputs are uint8 (N, 3, H, W).
     """
+    import torch_fidelity  # with torchvision: seconds to import, paid only where measured
+
     common = dict(
         input1=ImageTensors(generated),
         input2=ImageTensors(reference),

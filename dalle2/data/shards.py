@@ -32,8 +32,6 @@ import torch
 import webdataset as wds
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, IterableDataset
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as decode_image_bytes
 from webdataset.utils import pytorch_worker_info
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -193,7 +191,13 @@ def tar_keys(path: Path) -> list[str]:
 
 def decode_image(sample: dict[str, bytes]) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a raw sample ({ext: bytes}); torchvision's decoders are ~2x
-    faster than PIL's on small images, and decoding is most of what streaming costs."""
+    faster than PIL's on small images, and decoding is most of what streaming costs.
+    Imported here, not at the top: torchvision takes seconds to import (torch._dynamo, by
+    way of its ops), which a process that streams only embeddings (a prior worker) or
+    only reads shard indexes would pay for nothing."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as decode_image_bytes
+
     data = next(sample[e] for e in IMAGE_EXTS if e in sample)
     chw = decode_image_bytes(
         torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB

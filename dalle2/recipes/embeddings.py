@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dalle2.clip import OpenClip
 from dalle2.data import shards as D
+
+if TYPE_CHECKING:  # open_clip takes seconds to import; the CLIP handed in brings it
+    from dalle2.clip import OpenClip
 
 
 @torch.no_grad()

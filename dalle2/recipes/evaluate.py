@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dalle2.clip import ClipEncoder, OpenClip
 from dalle2.config import SampleConfig, UnclipConfig
 from dalle2.data import shards as D
 from dalle2.decoder import Decoder
@@ -32,6 +32,9 @@ from dalle2.evaluation import (
     to_uint8,
 )
 from dalle2.prior import DiffusionPrior
+
+if TYPE_CHECKING:  # open_clip takes seconds to import: only the step that loads CLIP pays
+    from dalle2.clip import ClipEncoder, OpenClip
 
 # Training image embeddings the memorisation check reads (~50 MB float16 at E = 512). A
 # nearest neighbour among a subset is never nearer than among all, so past the cap the
