@@ -1,15 +1,18 @@
 """Where a trained model loses prompt fidelity on shapes64: stage isolation and sampling.
 
 For a model the pipeline registered (or any folder with clip/, prior/, decoder_unet_*/),
-on prompts of held-out captions (never trained on) and of seen captions, each image read
+on prompts of an unseen split (held-out captions by default, or withheld_pairs.py's
+withheld colour-shape pairs) and of seen captions, each image read
 back by shapes64's pixel reader (`shapes64.prompt_fidelity`):
 
   1. stages: the cascade decoding the true CLIP image embeddings of the prompts' own
      images (the decoder alone), against the full prior -> decoder path, with the prior's
      mean cosine to the true embeddings. A decoder row below the full row's level says the
-     decoder, not the prior, loses the attributes.
+     decoder, not the prior, loses the attributes; its base stage's own images (before the
+     upsamplers) say which stage of the decoder does, empty canvases included.
   2. sampling: the full path under other settings of the base stage (guidance scale,
-     solver steps), without retraining: the ablation rows that cost no training.
+     solver steps) and of the prior (--prior-best-of, --prior-guidance), without
+     retraining: the ablation rows that cost no training.
 
 Prompts are spread over each split's distinct captions as `evaluate` spreads them, with the
 same sampling seed, so the row of the model's own settings equals the run's metrics.
@@ -17,6 +20,8 @@ same sampling seed, so the row of the model's own settings equals the run's metr
     python benchmarks/composition.py --model models:/unclip@champion
     python benchmarks/composition.py --checkpoint DIR --config zenml_config.yaml --prompts 256
     python benchmarks/composition.py --model models:/unclip/1 --guidance 2 3 --steps 20 40
+    python benchmarks/composition.py --model models:/unclip-withheld-bench/1 \
+        --config .cache/bench/withheld_pairs/RUN.yaml --splits holdout:colour_shape train
 
 About 30 s per row on 2 CPU cores at 128 prompts per split.
 """
@@ -36,7 +41,7 @@ import yaml
 from dalle2.cli import _model_dir
 from dalle2.config import parse_config
 from dalle2.data import shapes64
-from dalle2.evaluation import to_uint8
+from dalle2.evaluation import empty_canvas, to_uint8
 from dalle2.models import load_pipeline
 from dalle2.recipes.evaluate import eval_pairs, generate
 
@@ -46,14 +51,18 @@ KEYS = ("color", "shape", "size", "background", "all")
 
 def fidelity(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Percent of images (N, 3, H, W) in [0, 1] whose read attributes match the caption."""
-    hwc = list(to_uint8(images).permute(0, 2, 3, 1).numpy())
-    return {k: 100 * v for k, v in shapes64.prompt_fidelity(hwc, captions).items()}
+    u8 = to_uint8(images)
+    hwc = list(u8.permute(0, 2, 3, 1).numpy())
+    scores = {k: 100 * v for k, v in shapes64.prompt_fidelity(hwc, captions).items()}
+    return {**scores, "empty": float(empty_canvas(u8).sum())}
 
 
 def row(name: str, seconds: float, by_split: dict[str, dict[str, float]]) -> str:
-    cells = [f"{by_split[s][k]:.1f}" for s in ("holdout", "train") for k in ("color", "all")]
-    shapes = f"{by_split['holdout']['shape']:.1f}"
-    return f"| {name} | {seconds:.0f} s | {cells[0]} | {shapes} | " + " | ".join(cells[1:]) + " |"
+    """The unseen split's colour, shape, all-four and empty canvases, then the seen split's
+    all-four (the splits in --splits order)."""
+    unseen, seen = by_split.values()
+    cells = [unseen["color"], unseen["shape"], unseen["all"], unseen["empty"], seen["all"]]
+    return f"| {name} | {seconds:.0f} s | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
 
 
 def main() -> None:
@@ -67,6 +76,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=128, help="per split")
     parser.add_argument("--guidance", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0])
     parser.add_argument("--steps", type=int, nargs="*", default=[20, 40])
+    parser.add_argument("--prior-best-of", type=int, nargs="*", default=[], metavar="N")
+    parser.add_argument("--prior-guidance", type=float, nargs="*", default=[], metavar="G")
+    parser.add_argument(
+        "--splits",
+        nargs=2,
+        default=["holdout", "train"],
+        metavar=("UNSEEN", "SEEN"),
+        help="the two splits to prompt with, e.g. holdout:colour_shape train for a "
+        "withheld_pairs.py run (with that run's --config)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -77,13 +96,11 @@ def main() -> None:
         clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
     clip.eval(), prior.eval(), decoder.eval()
     cpu = torch.device("cpu")
-    sets = {s: eval_pairs(cfg, shard_dir, None, s) for s in ("holdout", "train")}
+    sets = {s: eval_pairs(cfg, shard_dir, None, s) for s in args.splits}
     print(f"model: {args.model or args.checkpoint or args.run or 'latest run'}; data {shard_dir}")
-    print(f"{args.prompts} prompts per split; fidelity in % (held-out = captions never trained on)")
+    print(f"{args.prompts} prompts per split; fidelity in %; unseen = {args.splits[0]}")
     print()
-    print(
-        "| path | time | held-out colour | held-out shape | held-out all | seen colour | seen all |"
-    )
+    print("| path | time | unseen colour | unseen shape | unseen all | unseen empty | seen all |")
     print("|---|---|---|---|---|---|---|")
 
     def full(name: str, cfgs: list | None) -> None:
@@ -106,33 +123,50 @@ def main() -> None:
         f"prior -> decoder, as trained (base: guidance {own.guidance_scale}, {own.steps} steps)",
         None,
     )
-    t0, res, cos = time.perf_counter(), {}, {}
+    t0, res, base_res, cos = time.perf_counter(), {}, {}, {}
+    base, *upsamplers = decoder.stages
     for split, pairs in sets.items():
         gen = torch.Generator().manual_seed(cfg.eval.seed)
+        lows, finals = [], []
         with torch.no_grad():
             true = clip.encode_image(pairs["image"]).float()
             enc = clip.encode_text(pairs["caption"], with_tokens=True)
-            chunks = [
-                decoder.sample(
-                    true[i : i + 32],
-                    enc.tokens[i : i + 32].float(),
-                    enc.mask[i : i + 32],
-                    generator=gen,
-                )
-                for i in range(0, len(true), 32)
-            ]
-        res[split] = fidelity(torch.cat(chunks), pairs["caption"])
+            for i in range(0, len(true), 32):
+                text = {
+                    "text_tokens": enc.tokens[i : i + 32].float(),
+                    "text_mask": enc.mask[i : i + 32],
+                }
+                x = base.sample(true[i : i + 32], generator=gen, **text)
+                lows.append(x)
+                for stage in upsamplers:
+                    x = stage.sample(true[i : i + 32], x, generator=gen, **text)
+                finals.append(x)
+        size = finals[0].shape[-1]
+        low = F.interpolate(torch.cat(lows), size=size, mode="nearest")
+        base_res[split] = fidelity((low + 1) / 2, pairs["caption"])
+        res[split] = fidelity((torch.cat(finals) + 1) / 2, pairs["caption"])
         _, embeds = generate(clip, prior, decoder, pairs["caption"][:64], device=cpu)
         cos[split] = F.cosine_similarity(embeds, true[:64]).mean().item()
-    print(row("decoder on the true image embeddings", time.perf_counter() - t0, res))
+    seconds = time.perf_counter() - t0
+    print(row("decoder on the true image embeddings", seconds, res))
+    print(row("its base stage alone (nearest-upsampled)", seconds, base_res))
     for g, steps in itertools.product(args.guidance, args.steps):
         if (g, steps) != (own.guidance_scale, own.steps):
             base = own.model_copy(update={"guidance_scale": g, "steps": steps})
             full(f"base guidance {g}, {steps} steps", [base, *[None] * (len(decoder.stages) - 1)])
+    trained = prior.cfg
+    for n in args.prior_best_of:
+        prior.cfg = trained.model_copy(update={"best_of": n})
+        full(f"prior best_of {n} (trained with {trained.best_of})", None)
+    for g in args.prior_guidance:
+        sample_cfg = trained.sample.model_copy(update={"guidance_scale": g})
+        prior.cfg = trained.model_copy(update={"sample": sample_cfg})
+        full(f"prior guidance {g} ({trained.sample.guidance_scale} as trained)", None)
+    prior.cfg = trained
     print()
     print(
-        f"prior cosine to the true image embedding: held-out {cos['holdout']:.3f}, "
-        f"seen {cos['train']:.3f}"
+        "prior cosine to the true image embedding: "
+        + ", ".join(f"{s} {c:.3f}" for s, c in cos.items())
     )
 
 
