@@ -96,7 +96,13 @@ def run_pipeline(run: dict[str, Any], work: Path) -> dict[str, float]:
     path.write_text(yaml.safe_dump(run, sort_keys=False))
     zenml = Path(sys.executable).parent / "zenml"
     cmd = [str(zenml), "pipeline", "run", "pipelines.unclip.unclip_pipeline", "-c", str(path)]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    pointer = ROOT / "data.dvc"
+    committed = pointer.read_bytes() if pointer.is_file() else None
+    try:
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    finally:  # the download step versions its data in data.dvc: a benchmark must not
+        if committed is not None:  # leave the checkout pointing at it
+            pointer.write_bytes(committed)
     client = mlflow.MlflowClient(tracking_uri=_default_tracking_uri())
     exp = client.get_experiment_by_name(EXPERIMENT)
     found = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run['run_name']}'")
