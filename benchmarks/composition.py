@@ -149,7 +149,7 @@ def main() -> None:
         cos[split] = F.cosine_similarity(embeds, true[:64]).mean().item()
     seconds = time.perf_counter() - t0
     print(row("decoder on the true image embeddings", seconds, res))
-    print(row("its base stage alone (nearest-upsampled)", seconds, base_res))
+    print(row("its base stage alone (nearest-upsampled; the same pass)", seconds, base_res))
     for g, steps in itertools.product(args.guidance, args.steps):
         if (g, steps) != (own.guidance_scale, own.steps):
             base = own.model_copy(update={"guidance_scale": g, "steps": steps})

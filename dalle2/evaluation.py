@@ -125,7 +125,7 @@ def frechet_distance(
 
     Both inputs are uint8 (N, 3, H, W).
     """
-    import torch_fidelity  # with torchvision: seconds to import, paid only where measured
+    import torch_fidelity  # lazily, as in register_clip_extractor
 
     common = dict(
         input1=ImageTensors(generated),
