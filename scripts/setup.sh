@@ -29,31 +29,9 @@ if ! "$uv" sync --locked --quiet "${args[@]}"; then
 fi
 echo "$extras" >"$extras_file"
 
-# The embedded stack, registered in one Python process (each `zenml` command takes seconds
-# to start): the MLflow tracker at a relative URI, so each checkout keeps its own
+# The embedded stack: the MLflow tracker at a relative URI, so each checkout keeps its own
 # ./mlruns.db (pipelines run from the repo root), in the stack `unclip_stack`, made active.
-.venv/bin/python - <<'PY'
-from pathlib import Path
-
-from zenml.client import Client
-from zenml.enums import StackComponentType as T
-
-if not Client.is_repository_directory(Path.cwd()):
-    Client.initialize(Path.cwd())
-c = Client()
-tracker = {"tracking_uri": "sqlite:///mlruns.db"}
-try:
-    c.get_stack_component(T.EXPERIMENT_TRACKER, "mlflow_tracker", allow_name_prefix_match=False)
-    c.update_stack_component("mlflow_tracker", T.EXPERIMENT_TRACKER, configuration=tracker)
-except KeyError:
-    c.create_stack_component("mlflow_tracker", "mlflow", T.EXPERIMENT_TRACKER, tracker)
-try:
-    c.get_stack("unclip_stack", allow_name_prefix_match=False)
-except KeyError:
-    components = {T.ORCHESTRATOR: "default", T.ARTIFACT_STORE: "default"}
-    c.create_stack("unclip_stack", components={**components, T.EXPERIMENT_TRACKER: "mlflow_tracker"})
-c.activate_stack("unclip_stack")
-PY
+.venv/bin/python scripts/register_stack.py . unclip_stack sqlite:///mlruns.db
 
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 [ -d .dvc ] || .venv/bin/dvc init -q

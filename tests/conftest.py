@@ -79,29 +79,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
-_REGISTER = """
-import sys
-from pathlib import Path
-
-from zenml.client import Client
-from zenml.enums import StackComponentType as T
-
-root, stack, uri = sys.argv[1:]
-Client.initialize(Path(root))
-c = Client()
-c.create_stack_component("mlflow_tracker", "mlflow", T.EXPERIMENT_TRACKER, {"tracking_uri": uri})
-components = {T.ORCHESTRATOR: "default", T.ARTIFACT_STORE: "default"}
-c.create_stack(stack, components={**components, T.EXPERIMENT_TRACKER: "mlflow_tracker"})
-c.activate_stack(stack)
-"""
-
-
 def register_stack(root: Path, stack: str, tracking_uri: str) -> None:
-    """`zenml init` in root, an MLflow tracker `mlflow_tracker` at tracking_uri and the active
-    stack `stack` with it: what scripts/setup.sh registers, in one Python process (each
-    `zenml` command takes seconds to start). The ZenML store is the environment's."""
+    """What scripts/setup.sh registers (scripts/register_stack.py), for a project the tests
+    build; the ZenML store is the environment's."""
     env = {**os.environ, "ZENML_REPOSITORY_PATH": str(root)}
-    cmd = [sys.executable, "-c", _REGISTER, str(root), stack, tracking_uri]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "register_stack.py"
+    cmd = [sys.executable, str(script), str(root), stack, tracking_uri]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise AssertionError(f"registering {stack} failed:\n{proc.stderr[-4000:]}")
