@@ -56,6 +56,13 @@ def _group(path: str) -> str:
     return "team_stack" if stem in _TEAM_FILES else stem
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """One worker more than cores (`-n auto`, capped by --maxprocesses): much of the suite
+    waits on servers and subprocesses, so a third worker on a 2-core host fills the idle
+    core (14:53 against 17:29 with two, 2026-12-02)."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Whole files to a worker, so a module's fixtures (a pipeline run, a server) are built
     once; both team-stack files to the same one. (xdist's own `loadgroup` does not group

@@ -624,10 +624,20 @@ def zenml_login(browser: Browser, base_url: str, username: str, password: str) -
         what="the ZenML login form",
     )
     if browser.evaluate("location.pathname") == "/login":
-        browser.fill("input[name=username]", username)
-        browser.fill("input[name=password]", password)
-        browser.click("form button", "Login")
-        browser.wait_for("location.pathname !== '/login'", what="ZenML login to finish")
+        # Under load the click can land before the form's handlers are attached, and the
+        # server's password check can take long: submit again, up to three times.
+        for attempt in range(3):
+            browser.fill("input[name=username]", username)
+            browser.fill("input[name=password]", password)
+            browser.click("form button", "Login")
+            try:
+                browser.wait_for("location.pathname !== '/login'", what="ZenML login to finish")
+                break
+            except WaitTimeoutError:
+                if browser.evaluate("location.pathname") != "/login":
+                    break  # it finished just after the wait gave up
+                if attempt == 2:
+                    raise
     # Asked of the server, not read off the page: the dashboard first lands on /projects and
     # only then redirects to the survey (ZenML 0.98).
     status = browser.evaluate(
