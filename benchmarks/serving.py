@@ -1,8 +1,10 @@
-"""Served images/s: one 32-prompt request, 32 one-prompt requests, and `dalle2 generate`'s batch.
+"""Served images/s: one 32-prompt request, one-prompt requests, clients at once, and `generate`.
 
 A registered model's files, served by this checkout's pyfunc class as `mlflow models serve`
 would, answer in this process (no HTTP, so the figures are the model's, not the web
 server's; 32 one-prompt requests are what the model did before it batched a request).
+`--clients` threads send the same prompts at once, split evenly, as concurrent clients of
+one server process would.
 Every figure is from the same run, so the ratios hold on any host; absolute times vary 2x
 between hosts.
 
@@ -17,6 +19,7 @@ import itertools
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,6 +54,7 @@ def main() -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clients", type=int, default=8)
     args = p.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri or _default_tracking_uri())
     # this checkout's serving code over the model's files (a logged model carries the code
@@ -63,12 +67,19 @@ def main() -> None:
     frame = pd.DataFrame({"prompt": texts, "seed": range(len(texts))})
     model.predict(None, frame.iloc[:1])  # warm-up: first-call allocations and thread pools
 
-    batched, rows, generate = [], [], []
+    shares = [frame.iloc[i :: args.clients] for i in range(args.clients)]
+
+    def clients() -> None:
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(lambda share: model.predict(None, share), shares))
+
+    batched, rows, generate, concurrent = [], [], [], []
     for _ in range(args.repeats):  # interleaved, so load drifts hit all three alike
         batched.append(timed(lambda: model.predict(None, frame)))
         single = [frame.iloc[i : i + 1] for i in range(len(frame))]
         one = [timed(lambda r=r: model.predict(None, r)) for r in single]
         rows.append(one)
+        concurrent.append(timed(clients))
         generate.append(
             timed(
                 lambda: inner.generate(
@@ -84,6 +95,7 @@ def main() -> None:
     n = len(texts)
     t_batched, t_generate = min(batched), min(generate)
     t_rows = min(sum(r) for r in rows)
+    t_clients = min(concurrent)
     latencies = sorted(itertools.chain.from_iterable(rows))
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(f"model {args.model} on {inner.device}, {n} prompts, best of {args.repeats}")
@@ -91,6 +103,10 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| one {n}-prompt request | {t_batched:.2f} | {n / t_batched:.2f} |")
     print(f"| {n} one-prompt requests | {t_rows:.2f} | {n / t_rows:.2f} |")
+    print(
+        f"| {args.clients} clients at once, {n // args.clients} prompts each | {t_clients:.2f} "
+        f"| {n / t_clients:.2f} |"
+    )
     print(f"| dalle2 generate's batch (no start-up) | {t_generate:.2f} | {n / t_generate:.2f} |")
     print(
         f"one-prompt latency p50 {statistics.median(latencies):.3f} s, p95 {p95:.3f} s; "
