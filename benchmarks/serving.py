@@ -67,6 +67,7 @@ def main() -> None:
     frame = pd.DataFrame({"prompt": texts, "seed": range(len(texts))})
     model.predict(None, frame.iloc[:1])  # warm-up: first-call allocations and thread pools
 
+    single = [frame.iloc[i : i + 1] for i in range(len(frame))]
     shares = [frame.iloc[i :: args.clients] for i in range(args.clients)]
 
     def clients() -> None:
@@ -74,9 +75,8 @@ def main() -> None:
             list(pool.map(lambda share: model.predict(None, share), shares))
 
     batched, rows, generate, concurrent = [], [], [], []
-    for _ in range(args.repeats):  # interleaved, so load drifts hit all three alike
+    for _ in range(args.repeats):  # interleaved, so load drifts hit all four alike
         batched.append(timed(lambda: model.predict(None, frame)))
-        single = [frame.iloc[i : i + 1] for i in range(len(frame))]
         one = [timed(lambda r=r: model.predict(None, r)) for r in single]
         rows.append(one)
         concurrent.append(timed(clients))
@@ -104,7 +104,7 @@ def main() -> None:
     print(f"| one {n}-prompt request | {t_batched:.2f} | {n / t_batched:.2f} |")
     print(f"| {n} one-prompt requests | {t_rows:.2f} | {n / t_rows:.2f} |")
     print(
-        f"| {args.clients} clients at once, {n // args.clients} prompts each | {t_clients:.2f} "
+        f"| {args.clients} clients at once, {n} prompts split among them | {t_clients:.2f} "
         f"| {n / t_clients:.2f} |"
     )
     print(f"| dalle2 generate's batch (no start-up) | {t_generate:.2f} | {n / t_generate:.2f} |")
