@@ -267,6 +267,10 @@ class ClipConfig(_Strict):
     # horizontal flips in CLIP training; off where the caption says which way (emoji's
     # "facing right", flags, letters)
     random_flip: bool = True
+    # hard negatives from the batch's own words (NegCLIP without a parser): "swap" trades two
+    # words where captions of that length differ, "replace" takes one such word from another
+    # caption; the image must prefer its caption to the negative (dalle2/recipes/clip.py)
+    negatives: Literal["none", "swap", "replace"] = "none"
     embed_batch_size: int = Field(256, ge=1)  # images per batch in compute_clip_embeddings
 
     @model_validator(mode="after")

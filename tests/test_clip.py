@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from dalle2.clip import ClipWeightsError, build_scratch_clip, load_clip, load_pretrained_clip
 from dalle2.config import ClipTowerConfig
 from dalle2.models import pack_clip, unpack_clip
+from dalle2.recipes.clip import negative_loss, word_negatives
 
 TINY = ClipTowerConfig(
     embed_dim=16,
@@ -107,3 +108,40 @@ def test_missing_weights_fail_with_one_sentence(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(ClipWeightsError, match="no CLIP found"):
         load_clip(tmp_path)
+
+
+SHAPE_CAPTIONS = [
+    "a small red circle on a white background",
+    "a large blue square on a gray background",
+    "a small green triangle on a black background",
+    "two words",
+]
+FIXED = {0, 4, 5, 7}  # "a", "on", "a", "background": the same in every caption of 8 words
+
+
+@pytest.mark.parametrize("how", ["swap", "replace"])
+def test_word_negatives_change_only_the_words_the_batch_varies(how: str) -> None:
+    negatives = word_negatives(SHAPE_CAPTIONS, how, torch.Generator().manual_seed(0))
+    again = word_negatives(SHAPE_CAPTIONS, how, torch.Generator().manual_seed(0))
+    assert negatives == again, "the loader's generator decides, so a resumed run draws the same"
+    assert negatives[3] is None, "no other caption of two words: nothing to vary"
+    for caption, negative in zip(SHAPE_CAPTIONS[:3], negatives[:3], strict=True):
+        assert negative is not None and negative != caption
+        old, new = caption.split(), negative.split()
+        changed = {k for k, (a, b) in enumerate(zip(old, new, strict=True)) if a != b}
+        assert changed and not changed & FIXED, (caption, negative)
+        if how == "swap":
+            assert sorted(new) == sorted(old) and len(changed) == 2
+        else:
+            (k,) = changed
+            assert new[k] in {c.split()[k] for c in SHAPE_CAPTIONS[:3]}
+
+
+def test_negative_loss_is_low_when_the_image_prefers_its_caption() -> None:
+    img = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    other = img.flip(1)
+    scale, valid = torch.tensor(10.0), torch.ones(2)
+    right = negative_loss(img, img, other, scale, valid)
+    wrong = negative_loss(img, other, img, scale, valid)
+    assert right < 0.01 < 10 - 0.01 < wrong
+    assert negative_loss(img, other, img, scale, torch.zeros(2)) == 0, "no negative, no loss"
