@@ -42,7 +42,11 @@ def word_negatives(captions: Sequence[str], how: str, rng: torch.Generator) -> l
         groups[len(w)].append(w)
     # per word count: each place's words, where they differ
     places = {
-        n: {k: sorted(set(col)) for k, col in enumerate(zip(*g, strict=True)) if len(set(col)) > 1}
+        n: {
+            k: there
+            for k, col in enumerate(zip(*g, strict=True))
+            if len(there := sorted(set(col))) > 1
+        }
         for n, g in groups.items()
     }
 
@@ -133,8 +137,10 @@ def fit_clip(
         img, txt, scale = model(batch["image"], clip.tokenize([*captions, *negatives]))
         img, txt, scale = img.float(), txt.float(), scale.float()
         pos, neg = txt[: len(captions)], txt[len(captions) :]
-        valid = torch.tensor([n is not None for n in batch["negative"]], device=img.device)
-        return loss_core(img, pos, scale) + negative_loss(img, pos, neg, scale, valid.float())
+        valid = torch.tensor([n is not None for n in batch["negative"]], dtype=img.dtype)
+        return loss_core(img, pos, scale) + negative_loss(
+            img, pos, neg, scale, valid.to(img.device)
+        )
 
     ema, result = fit(clip, c.train, loss_fn, batches, data, run, "train_clip")
     return ema, result
