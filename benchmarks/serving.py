@@ -2,8 +2,9 @@
 
 By default a registered model's files, served by this checkout's pyfunc class as `mlflow
 models serve` would, answer in this process (no HTTP: the figures are the model's, not the
-web server's). `--http` starts `mlflow models serve` on the model and sends the same
-requests to it over loopback HTTP, as users' clients do. 32 one-prompt requests are what the
+web server's). `--http` saves the same files with this checkout's code as an MLflow model,
+starts `mlflow models serve` on it and sends the same requests over loopback HTTP, as
+users' clients do. 32 one-prompt requests are what the
 model did before it batched a request; `--clients` threads send the same prompts at once,
 split evenly, as concurrent clients of one server process would. Latencies are per request.
 Every figure is from the same run, so the ratios hold on any host; absolute times vary 2x
@@ -110,7 +111,7 @@ def main() -> None:
     import mlflow
 
     from dalle2.cli import _default_tracking_uri
-    from dalle2.serving import MODELS, UnclipModel
+    from dalle2.serving import MODELS, UnclipModel, model_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models:/unclip@champion")
@@ -121,16 +122,18 @@ def main() -> None:
     p.add_argument("--http", action="store_true", help="through `mlflow models serve`")
     args = p.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri or _default_tracking_uri())
-    # this checkout's serving code over the model's files (a logged model carries the code
-    # it was logged with, which may predate what is measured here)
+    # this checkout's serving code over the model's files, in-process and over HTTP (a logged
+    # model carries the code it was logged with, which may predate what is measured here)
     local = Path(mlflow.artifacts.download_artifacts(args.model))
     model = UnclipModel()
     model.load_context(SimpleNamespace(artifacts={MODELS: str(local / "artifacts" / MODELS)}))
     texts = prompts(args.prompts)
     frame = pd.DataFrame({"prompt": texts, "seed": range(len(texts))})
     with contextlib.ExitStack() as stack:
-        if args.http:
-            send = stack.enter_context(http_server(args.model, mlflow.get_tracking_uri()))
+        if args.http:  # the same files with this checkout's code, saved where the server reads
+            saved = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model"
+            mlflow.pyfunc.save_model(saved, **model_spec(local / "artifacts" / MODELS))
+            send = stack.enter_context(http_server(str(saved), mlflow.get_tracking_uri()))
         else:
 
             def send(part: pd.DataFrame) -> None:
@@ -163,10 +166,16 @@ def measure(args: argparse.Namespace, model, frame: pd.DataFrame, send) -> None:
         with ThreadPoolExecutor(args.clients) as pool:
             list(pool.map(lambda share: request(clients, share), shares))
 
-    def draw() -> None:
-        model.generate(
-            model.clip, model.prior, model.decoder, texts, device=model.device, batch_size=n
-        )
+    def draw() -> None:  # on the thread that loaded the weights, as `dalle2 generate` runs
+        model.sampler.submit(
+            model.generate,
+            model.clip,
+            model.prior,
+            model.decoder,
+            texts,
+            device=model.device,
+            batch_size=n,
+        ).result()
 
     draw()  # warm-up of this process's copy (with --http, the server's is another)
     for _ in range(args.repeats):

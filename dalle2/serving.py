@@ -18,6 +18,7 @@ import io
 import json
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 MODELS = "models"  # the pyfunc artifact: a folder with clip/, prior/, decoder_unet_{i}/
 CARD = "model_card"  # the pyfunc artifact: the run's model card (markdown)
-MAX_PROMPTS = 32  # per request: each row samples on its own, and a request must end in time
+MAX_PROMPTS = 32  # per request: the rows sample as one batch, and a request must end in time
 MAX_CHARS = 2000  # refused before tokenising, so a huge prompt costs nothing
 EXAMPLE_PROMPT = "a large red circle on a white background"
 
@@ -95,9 +96,19 @@ class UnclipModel(PythonModel):
     `models` artifact. A request's rows sample in one batch, each row drawing its noise from
     its own generator seeded by its `seed` (0 when absent), so a prompt, seed and params give
     the same image in any request.
+
+    One thread of the model's own loads the weights and runs every request's sampling, in
+    turn. MLflow's scoring server loads on its main thread and calls `predict` from a pool of
+    worker threads; on CPU, torch kernels on a thread other than the one that loaded the
+    weights ran 1.5-3x slower (benchmarks/serving.py), and concurrent requests sampling at once
+    only split the same cores.
     """
 
     def load_context(self, context: Any) -> None:
+        self.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unclip-sampler")
+        self.sampler.submit(self._load, context).result()
+
+    def _load(self, context: Any) -> None:
         from dalle2.device import pick_device
         from dalle2.models import load_pipeline
         from dalle2.recipes import evaluate  # imported here, not by the first request
@@ -181,12 +192,18 @@ class UnclipModel(PythonModel):
     ) -> pd.DataFrame:
         """One base64 PNG per prompt; `guidance_scale` and `steps` set the base stage's
         sampling (the upsamplers keep theirs)."""
-        from dalle2.evaluation import to_uint8
-
         prompts = self._check_prompts(model_input)
         seeds = self._check_seeds(model_input)
         cfgs = self._sample_cfgs(params)
-        try:  # the request's rows in one batch (at most MAX_PROMPTS), each from its own seed
+        images = self.sampler.submit(self._draw, prompts, seeds, cfgs).result()
+        return pd.DataFrame({"image": images})
+
+    def _draw(self, prompts: list[str], seeds: list[int], cfgs: list[Any] | None) -> list[str]:
+        """The request's rows in one batch (at most MAX_PROMPTS), each from its own seed, as
+        PNGs: every torch call on the sampler thread."""
+        from dalle2.evaluation import to_uint8
+
+        try:
             drawn, _ = self.generate(
                 self.clip,
                 self.prior,
@@ -199,8 +216,7 @@ class UnclipModel(PythonModel):
             )
         except self.non_finite as err:
             raise MlflowException(str(err), error_code=INTERNAL_ERROR) from None
-        images = [png_base64(image.permute(1, 2, 0)) for image in to_uint8(drawn)]
-        return pd.DataFrame({"image": images})
+        return [png_base64(image.permute(1, 2, 0)) for image in to_uint8(drawn)]
 
 
 def requirements() -> list[str]:
@@ -213,24 +229,27 @@ def requirements() -> list[str]:
     return lock_pins(root, REQUIREMENTS)
 
 
-def log_unclip_model(
-    model_dir: Path, card: Path | None = None, name: str = "model"
-) -> mlflow.models.model.ModelInfo:
-    """Log a folder of model files (clip/, prior/, decoder_unet_{i}/) as a pyfunc model on
-    the active MLflow run; the weights travel as files, the model as this file's code."""
+def model_spec(model_dir: Path, card: Path | None = None) -> dict[str, Any]:
+    """What mlflow.pyfunc's log_model / save_model take for a folder of model files (clip/,
+    prior/, decoder_unet_{i}/): the weights travel as files, the model as this file's code."""
     artifacts = {MODELS: str(model_dir)}
     if card is not None:
         artifacts[CARD] = str(card)
-    package = Path(__file__).resolve().parent
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(Path(__file__).resolve()),
-        artifacts=artifacts,
-        code_paths=[str(package)],
-        signature=SIGNATURE,
-        input_example=pd.DataFrame({"prompt": [EXAMPLE_PROMPT], "seed": [0]}),
-        pip_requirements=requirements(),
-    )
+    return {
+        "python_model": str(Path(__file__).resolve()),
+        "artifacts": artifacts,
+        "code_paths": [str(Path(__file__).resolve().parent)],
+        "signature": SIGNATURE,
+        "input_example": pd.DataFrame({"prompt": [EXAMPLE_PROMPT], "seed": [0]}),
+        "pip_requirements": requirements(),
+    }
+
+
+def log_unclip_model(
+    model_dir: Path, card: Path | None = None, name: str = "model"
+) -> mlflow.models.model.ModelInfo:
+    """Log a folder of model files as a pyfunc model on the active MLflow run."""
+    return mlflow.pyfunc.log_model(name=name, **model_spec(model_dir, card))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -157,6 +158,20 @@ def test_served_model_answers_with_pngs(server: str) -> None:
     )
     assert status == 200, reply
     assert reply["predictions"][0]["image"] != alone["predictions"][0]["image"]
+
+
+def test_concurrent_requests_queue_for_the_sampler_and_keep_their_images(server: str) -> None:
+    """The model's one sampler thread runs requests in turn (mlflow calls predict from worker
+    threads): clients at once get what each gets alone."""
+    bodies = [{"dataframe_records": [{"prompt": PROMPT, "seed": s}]} for s in range(4)]
+    alone = [post(server, body)[1]["predictions"][0]["image"] for body in bodies]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda body: post(server, body), bodies))
+    assert [status for status, _ in replies] == [200] * 4
+    for (_, reply), image in zip(replies, alone, strict=True):
+        got = np.asarray(png(reply["predictions"][0]["image"]), np.int16)
+        assert np.abs(got - np.asarray(png(image), np.int16)).max() <= 2
+    assert len(set(alone)) == 4, "each seed its own image"
 
 
 # request -> words of the model's own one-sentence reason
