@@ -4,9 +4,9 @@ By default a registered model's files, served by this checkout's pyfunc class as
 models serve` would, answer in this process (no HTTP: the figures are the model's, not the
 web server's). `--http` saves the same files with this checkout's code as an MLflow model,
 starts `mlflow models serve` on it and sends the same requests over loopback HTTP, as
-users' clients do. 32 one-prompt requests are what the
-model did before it batched a request; `--clients` threads send the same prompts at once,
-split evenly, as concurrent clients of one server process would. Latencies are per request.
+users' clients do. 32 one-prompt requests are what the model did before it batched a
+request; `--clients` threads send the same prompts at once, split evenly, as concurrent
+clients of one server process would. Latencies are per request.
 Every figure is from the same run, so the ratios hold on any host; absolute times vary 2x
 between hosts.
 
@@ -60,19 +60,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def http_server(model: str, tracking_uri: str) -> Iterator[Callable[[pd.DataFrame], None]]:
-    """`mlflow models serve` on loopback; yields a sender that POSTs a frame and checks that
-    every row came back as an image."""
+def http_server(model: Path) -> Iterator[Callable[[pd.DataFrame], None]]:
+    """`mlflow models serve` of a saved model folder on loopback; yields a sender that POSTs
+    a frame and checks that every row came back as an image."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bin_dir = Path(sys.executable).parent  # mlflow starts uvicorn from PATH
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local"]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(model), "--env-manager", "local"]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
 
@@ -133,7 +129,7 @@ def main() -> None:
         if args.http:  # the same files with this checkout's code, saved where the server reads
             saved = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model"
             mlflow.pyfunc.save_model(saved, **model_spec(local / "artifacts" / MODELS))
-            send = stack.enter_context(http_server(str(saved), mlflow.get_tracking_uri()))
+            send = stack.enter_context(http_server(saved))
         else:
 
             def send(part: pd.DataFrame) -> None:
