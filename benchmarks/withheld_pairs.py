@@ -10,6 +10,7 @@ benchmark knows shapes64's grammar; the pipeline gets a regular expression.
     python benchmarks/withheld_pairs.py                        # today's default, 2 draws
     python benchmarks/withheld_pairs.py --name "drop 0.5" --set decoder.0.text_drop_prob=0.5
     python benchmarks/withheld_pairs.py --config configs/shapes64-quality.yaml --draws 1
+    python benchmarks/withheld_pairs.py --draws 1 --first-draw 1  # the second draw alone
 
 Each draw is one pipeline run (about 12 minutes of the default on 2 CPU cores); rows go
 to .cache/bench/withheld_pairs.jsonl and the table printed covers every row recorded there.
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("--config", default="zenml_config.yaml")
     p.add_argument("--name", default="default", help="the row's label")
     p.add_argument("--draws", type=int, default=2, help="draws of withheld pairs (one run each)")
+    p.add_argument("--first-draw", type=int, default=0, help="seed of the first draw")
     p.add_argument("--pairs", type=int, default=3, help="pairs withheld per draw")
     p.add_argument("--set", action="append", default=[], help="KEY.PATH=VALUE into the config")
     p.add_argument("--dry-run", action="store_true", help="write the configs, train nothing")
@@ -134,7 +136,7 @@ def main() -> None:
     base = yaml.safe_load((ROOT / args.config).read_text())
     for assignment in args.set:
         apply_override(base["parameters"]["config"], assignment)
-    for draw in range(args.draws):
+    for draw in range(args.first_draw, args.first_draw + args.draws):
         pairs = draw_pairs(seed=draw, count=args.pairs)
         run = withheld_config(base, pairs, f"{args.name}-{draw}")
         if args.dry_run:

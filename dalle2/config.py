@@ -305,6 +305,10 @@ class DecoderStageConfig(_Strict):
     # DALL-E 2 drops the caption half of the time: the unet still draws from the image
     # embedding alone (variations, prompts whose tokens it never saw)
     text_drop_prob: float = Field(0.5, ge=0, le=1)
+    # training only: each unit image embedding is moved off itself by noise of norm up to
+    # this (0.6: cosine ~0.86 at CLIP's widths), because the prior's embeddings are never
+    # exact and the unet should still draw from near ones. 0: the embeddings as they are
+    embed_noise: float = Field(0.0, ge=0, le=2)
     lowres_noise_level: float = Field(0.2, ge=0, lt=1)  # max aug noise level (0..1 of T)
     lowres_sample_noise_level: float = Field(0.1, ge=0, lt=1)  # aug level used at sampling
     lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)  # Gaussian blur range in training

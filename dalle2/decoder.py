@@ -97,7 +97,7 @@ class DecoderStage(nn.Module):
         if cfg.random_crop is not None and cfg.random_crop < cfg.image_size:
             target, lowres = self._crop(target, lowres, cfg.random_crop)
         drop = torch.rand(b, device=target.device) < cfg.cond_drop_prob
-        embed = scale_embed(image_embed)
+        embed = scale_embed(self._perturb(image_embed) if cfg.embed_noise else image_embed)
         text: dict[str, Tensor | None] = {}
         if self.reads_text:
             drop_text = torch.rand(b, device=target.device) < cfg.text_drop_prob
@@ -109,6 +109,14 @@ class DecoderStage(nn.Module):
         return self.process.training_loss(model, target)
 
     forward = loss  # calling the module computes the loss, so DDP's hooks see it
+
+    def _perturb(self, image_embed: Tensor) -> Tensor:
+        """Each unit embedding plus isotropic noise of norm ~U(0, embed_noise): the unet
+        learns to draw from embeddings near the true ones, as the prior's samples are."""
+        unit = F.normalize(image_embed.float(), dim=-1)
+        radius = torch.rand(unit.shape[0], 1, device=unit.device) * self.cfg.embed_noise
+        direction = F.normalize(torch.randn_like(unit), dim=-1)
+        return unit + radius * direction
 
     @staticmethod
     def _crop(target: Tensor, lowres: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:

@@ -150,6 +150,34 @@ def test_decoder_stage_draws_what_the_caption_tokens_say() -> None:
     assert (torch.cdist(drawn, colours).argmin(dim=1) == torch.arange(4)).all(), drawn
 
 
+def test_embed_noise_moves_training_embeddings_within_its_radius_and_only_then() -> None:
+    """embed_noise: 0 hands the unet the embeddings as they are; above 0 each moves off
+    itself by at most the radius."""
+    unit = F.normalize(torch.randn(256, 16), dim=-1)
+    stage = DecoderStage(DecoderStageConfig(image_size=8, unet=UNetConfig(**UNET), embed_noise=0.6))
+    moved = stage._perturb(unit)
+    cos = F.cosine_similarity(moved, unit, dim=-1)
+    assert cos.min() >= (1 - 0.6**2) ** 0.5 - 1e-4 and cos.max() <= 1 + 1e-5  # |noise| <= 0.6
+    assert cos.min() < 0.9 and cos.max() > 0.99  # radii spread from ~0 to 0.6
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x: Tensor, t: Tensor, embed: Tensor, *args, **kwargs) -> Tensor:
+            seen.append(embed)
+            return torch.zeros_like(x)
+
+    images = torch.zeros(4, 3, 8, 8)
+    for noise in (0.0, 0.6):
+        stage = DecoderStage(
+            DecoderStageConfig(image_size=8, unet=UNetConfig(**UNET), embed_noise=noise)
+        )
+        stage.unet = Spy()
+        torch.manual_seed(0)
+        stage.loss(images, unit[:4])
+    exact = F.normalize(unit[:4], dim=-1) * 4  # scale_embed: sqrt(16)
+    assert torch.allclose(seen[0], exact) and not torch.allclose(seen[1], exact)
+
+
 def test_blur_keeps_flat_images_flat_and_smooths_edges() -> None:
     flat = torch.full((2, 3, 8, 8), 0.3)
     assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5, 1.0])), flat, atol=1e-6)
