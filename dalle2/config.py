@@ -305,6 +305,10 @@ class DecoderStageConfig(_Strict):
     # DALL-E 2 drops the caption half of the time: the unet still draws from the image
     # embedding alone (variations, prompts whose tokens it never saw)
     text_drop_prob: float = Field(0.5, ge=0, le=1)
+    # share trained on the caption's tokens without the image embedding (a text-reading
+    # unet only): tokens name each word apart, so the unet must learn to draw from them
+    # too, rather than only from an embedding that already says everything it saw
+    embed_drop_prob: float = Field(0.0, ge=0, le=1)
     # training only: each unit image embedding is moved off itself by noise of norm up to
     # this (0.6: cosine ~0.86 at CLIP's widths), because the prior's embeddings are never
     # exact and the unet should still draw from near ones. 0: the embeddings as they are
@@ -326,6 +330,10 @@ class DecoderStageConfig(_Strict):
             raise ValueError("image_size must divide by fold * 2**(len(dim_mults) - 1)")
         if self.unet.learned_variance != self.diffusion.learned_variance:
             raise ValueError("unet.learned_variance and diffusion.learned_variance must agree")
+        if self.embed_drop_prob and not self.unet.text_token_dim:
+            raise ValueError(
+                "embed_drop_prob needs a unet that reads caption tokens (text_token_dim)"
+            )
         return self
 
 

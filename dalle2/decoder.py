@@ -102,6 +102,8 @@ class DecoderStage(nn.Module):
         if self.reads_text:
             drop_text = torch.rand(b, device=target.device) < cfg.text_drop_prob
             text = {"text_tokens": text_tokens, "text_mask": text_mask, "drop_text": drop_text}
+            if cfg.embed_drop_prob:
+                text["drop_embed"] = torch.rand(b, device=target.device) < cfg.embed_drop_prob
 
         def model(x: Tensor, t: Tensor) -> Tensor:
             return self.unet(x, t, embed, lowres, level, drop_cond=drop, **text)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor
 
 from dalle2.config import (
@@ -17,6 +19,7 @@ from dalle2.config import (
 )
 from dalle2.decoder import Decoder, DecoderStage, gaussian_blur
 from dalle2.models import pack_prior, pack_stage, unpack_prior, unpack_stage
+from dalle2.networks.unet import UNet
 from dalle2.prior import DiffusionPrior
 from dalle2.training.trainer import Trainer
 
@@ -176,6 +179,43 @@ def test_embed_noise_moves_training_embeddings_within_its_radius_and_only_then()
         stage.loss(images, unit[:4])
     exact = F.normalize(unit[:4], dim=-1) * 4  # scale_embed: sqrt(16)
     assert torch.allclose(seen[0], exact) and not torch.allclose(seen[1], exact)
+
+
+def test_embed_drop_hides_the_image_embedding_alone() -> None:
+    """drop_embed: the unet's output no longer depends on the image embedding but still
+    on the caption tokens; the stage draws it at embed_drop_prob, and only a text-reading
+    unet may ask for it."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(**UNET, text_token_dim=8))
+    torch.nn.init.normal_(unet.out_conv.weight, std=0.1)  # zero-initialised: make it speak
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    a, b = torch.randn(2, 16), torch.randn(2, 16)
+    tokens, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    hide = torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        out = [
+            unet(x, t, e, text_tokens=tok, text_mask=mask, drop_embed=hide)
+            for e, tok in ((a, tokens), (b, tokens), (a, -tokens))
+        ]
+        shown = unet(x, t, b, text_tokens=tokens, text_mask=mask)
+    assert torch.allclose(out[0], out[1]) and not torch.allclose(out[0], out[2])
+    assert not torch.allclose(out[1], shown)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+            seen.append(kwargs.get("drop_embed"))
+            return torch.zeros_like(x)
+
+    cfg = DecoderStageConfig(
+        image_size=8, unet=UNetConfig(**UNET, text_token_dim=8), embed_drop_prob=0.3
+    )
+    stage = DecoderStage(cfg)
+    stage.unet = Spy()
+    stage.loss(torch.zeros(4000, 3, 8, 8), torch.randn(4000, 16), torch.randn(4000, 3, 8))
+    assert 0.27 < seen[0].float().mean() < 0.33
+    with pytest.raises(ValidationError, match="embed_drop_prob needs a unet"):
+        DecoderStageConfig(image_size=8, unet=UNetConfig(**UNET), embed_drop_prob=0.3)
 
 
 def test_blur_keeps_flat_images_flat_and_smooths_edges() -> None:

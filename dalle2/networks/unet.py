@@ -208,6 +208,7 @@ class UNet(nn.Module):
         text_tokens: Tensor | None = None,
         text_mask: Tensor | None = None,
         drop_text: Tensor | None = None,
+        drop_embed: Tensor | None = None,
     ) -> Tensor:
         """Predict from a noised image (B, C, H, W) -> (B, C or 2C, H, W).
 
@@ -223,6 +224,7 @@ class UNet(nn.Module):
                 caption (only for a unet built with text_token_dim).
             text_mask: (B, L) bool, True for real tokens.
             drop_text: (B,) bool; True hides the caption alone.
+            drop_embed: (B,) bool; True hides the image embedding alone (the caption stays).
         """
         self._check_lowres(x, lowres)
         if lowres is not None:
@@ -232,7 +234,10 @@ class UNet(nn.Module):
             x = F.pixel_unshuffle(x, fold)  # (B, C * f * f, H / f, W / f)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        emb, context = self._conditioning(t, image_embed, lowres_aug_level, drop_cond)
+        drop_image = drop_cond
+        if drop_embed is not None:
+            drop_image = drop_embed if drop_cond is None else drop_cond | drop_embed
+        emb, context = self._conditioning(t, image_embed, lowres_aug_level, drop_image)
         context_mask = None
         if self.cfg.text_token_dim:
             drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
