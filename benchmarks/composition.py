@@ -11,8 +11,9 @@ back by shapes64's pixel reader (`shapes64.prompt_fidelity`):
      decoder, not the prior, loses the attributes; its base stage's own images (before the
      upsamplers) say which stage of the decoder does, empty canvases included.
   2. sampling: the full path under other settings of the base stage (guidance scale,
-     solver steps) and of the prior (--prior-best-of, --prior-guidance), without
-     retraining: the ablation rows that cost no training.
+     solver steps, images drawn per caption for CLIP to pick from: --best-of) and of the
+     prior (--prior-best-of, --prior-guidance), without retraining: the ablation rows
+     that cost no training.
 
 Prompts are spread over each split's distinct captions as `evaluate` spreads them, with the
 same sampling seed, so the row of the model's own settings equals the run's metrics.
@@ -22,6 +23,9 @@ same sampling seed, so the row of the model's own settings equals the run's metr
     python benchmarks/composition.py --model models:/unclip/1 --guidance 2 3 --steps 20 40
     python benchmarks/composition.py --model models:/unclip-withheld-bench/1 \
         --config .cache/bench/withheld_pairs/RUN.yaml --splits holdout:colour_shape train
+    python benchmarks/composition.py --model models:/unclip-withheld-bench/1 --best-of 4 \
+        --guidance --steps --config .cache/bench/withheld_pairs/RUN.yaml \
+        --splits holdout:colour_shape train
 
 About 30 s per row on 2 CPU cores at 128 prompts per split.
 """
@@ -78,6 +82,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="*", default=[20, 40])
     parser.add_argument("--prior-best-of", type=int, nargs="*", default=[], metavar="N")
     parser.add_argument("--prior-guidance", type=float, nargs="*", default=[], metavar="G")
+    parser.add_argument(
+        "--best-of",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="the base stage draws N images a caption and CLIP keeps the closest",
+    )
     parser.add_argument(
         "--splits",
         nargs=2,
@@ -163,6 +175,11 @@ def main() -> None:
         prior.cfg = trained.model_copy(update={"sample": sample_cfg})
         full(f"prior guidance {g} ({trained.sample.guidance_scale} as trained)", None)
     prior.cfg = trained
+    stage, trained_stage = decoder.stages[0], decoder.stages[0].cfg
+    for n in args.best_of:
+        stage.cfg = trained_stage.model_copy(update={"best_of": n})
+        full(f"base stage best_of {n} (trained with {trained_stage.best_of})", None)
+    stage.cfg = trained_stage
     print()
     print(
         "prior cosine to the true image embedding: "

@@ -12,8 +12,10 @@ benchmark knows shapes64's grammar; the pipeline gets a regular expression.
     python benchmarks/withheld_pairs.py --config configs/shapes64-quality.yaml --draws 1
     python benchmarks/withheld_pairs.py --draws 1 --first-draw 1  # the second draw alone
 
-Each draw is one pipeline run (about 12 minutes of the default on 2 CPU cores); rows go
-to .cache/bench/withheld_pairs.jsonl and the table printed covers every row recorded there.
+Each draw is one pipeline run (about 10 minutes of the default on 2 CPU cores), in a git
+worktree of the checkout as it is (uncommitted changes included) that is removed after it;
+rows go to .cache/bench/withheld_pairs.jsonl and the table printed covers every row
+recorded there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -87,27 +90,55 @@ def apply_override(cfg: dict[str, Any], assignment: str) -> None:
 
 
 def run_pipeline(run: dict[str, Any], work: Path) -> dict[str, float]:
-    """Train it through ZenML and return the MLflow run's metrics."""
+    """Train it through ZenML in a git worktree of this checkout as it is now (HEAD and the
+    working tree's changes: the lever being tried is what trains), with the project's
+    ZenML stack, MLflow store and DVC cache; return the MLflow run's metrics. Edits made
+    while it trains, and what it writes (data.dvc, shards), stay out of the checkout."""
     import mlflow
 
     from dalle2.cli import _default_tracking_uri
+    from dalle2.tracking import reproduce
 
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / f"{run['run_name']}.yaml"
-    path.write_text(yaml.safe_dump(run, sort_keys=False))
-    zenml = Path(sys.executable).parent / "zenml"
-    cmd = [str(zenml), "pipeline", "run", "pipelines.unclip.unclip_pipeline", "-c", str(path)]
-    pointer = ROOT / "data.dvc"
-    committed = pointer.read_bytes() if pointer.is_file() else None
-    try:
-        subprocess.run(cmd, cwd=ROOT, check=True)
-    finally:  # the download step versions its data in data.dvc: a benchmark must not
-        if committed is not None:  # leave the checkout pointing at it
-            pointer.write_bytes(committed)
     client = mlflow.MlflowClient(tracking_uri=_default_tracking_uri())
+    if client.get_experiment_by_name(EXPERIMENT) is None:  # artifacts in the project's store
+        client.create_experiment(EXPERIMENT, (ROOT / "mlruns" / EXPERIMENT).as_uri())
+    kept = work / f"{run['run_name']}.yaml"  # composition.py --config reads it afterwards
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(yaml.safe_dump(run, sort_keys=False))
+    dest = work / run["run_name"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    tree = reproduce.checkout(ROOT, head.stdout.strip(), dest, "data")
+    try:
+        _copy_changes(tree)
+        reproduce.share_dvc(ROOT, tree)
+        reproduce.use_project_stack(ROOT, tree)
+        reproduce.run_pipeline(tree, kept)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(dest)], cwd=ROOT, check=False)
     exp = client.get_experiment_by_name(EXPERIMENT)
     found = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run['run_name']}'")
     return found[0].data.metrics
+
+
+def _copy_changes(tree: Path) -> None:
+    """The checkout's uncommitted state into `tree`: modified and untracked files (not
+    ignored ones) copied, deleted ones removed."""
+
+    def listed(flag: str) -> list[str]:
+        out = subprocess.run(
+            ["git", "ls-files", flag, "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        return [f for f in out.stdout.decode().split("\0") if f]
+
+    deleted = set(listed("-d"))
+    for name in {*listed("-m"), *listed("-o")} - deleted:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    for name in deleted:
+        (tree / name).unlink(missing_ok=True)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -11,7 +11,7 @@ forgive the artefacts of the stage before them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -202,21 +202,42 @@ class Decoder(nn.Module):
         cfgs: Sequence[SampleConfig | None] | None = None,
         generator: Generators = None,
         progress: bool = False,
+        text_embed: Tensor | None = None,
+        encode_image: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """(B, 3, H, W) images in [0, 1] drawn through the whole cascade."""
+        """(B, 3, H, W) images in [0, 1] drawn through the whole cascade.
+
+        Given the captions' CLIP `text_embed` (B, E) and CLIP's `encode_image` ((N, 3, h, w)
+        in [0, 1] -> (N, E)), a stage with best_of > 1 draws that many images per caption and
+        passes on the one closest to its caption; without them every stage draws one.
+        """
         cfgs = list(cfgs) if cfgs is not None else [None] * len(self.stages)
+        rank = text_embed is not None and encode_image is not None
         images = None
         for stage, cfg in zip(self.stages, cfgs, strict=True):
-            images = stage.sample(
-                image_embed,
-                images,
-                text_tokens=text_tokens,
-                text_mask=text_mask,
+            n = stage.cfg.best_of if rank else 1
+            drawn = stage.sample(
+                _repeat(image_embed, n),
+                _repeat(images, n),
+                text_tokens=_repeat(text_tokens, n),
+                text_mask=_repeat(text_mask, n),
                 cfg=cfg,
                 generator=generator,
                 progress=progress,
             )
+            if n > 1:
+                found = F.normalize(encode_image((drawn + 1) / 2).float(), dim=-1)
+                target = F.normalize(text_embed.float(), dim=-1)
+                sim = (found.view(-1, n, found.shape[-1]) * target[:, None]).sum(-1)  # (B, n)
+                drawn = drawn.view(-1, n, *drawn.shape[1:])[torch.arange(len(sim)), sim.argmax(1)]
+            images = drawn
         return (images + 1) / 2
+
+
+def _repeat(x: Tensor | None, n: int) -> Tensor | None:
+    """Each row n times in a row: a caption's candidates stay together (and with its noise
+    generator, see `randn`)."""
+    return x if x is None or n == 1 else x.repeat_interleave(n, dim=0)
 
 
 def image_variations(

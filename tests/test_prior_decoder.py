@@ -126,6 +126,39 @@ def test_decoder_stages_train_and_cascade() -> None:
     assert out.shape == (4, 3, 16, 16) and out.min() >= 0 and out.max() <= 1
 
 
+def test_stage_best_of_keeps_the_candidate_clip_puts_closest_to_the_caption() -> None:
+    """best_of 4: each caption's four images come from its own generator and the one whose
+    (stand-in) CLIP embedding is nearest the caption's is kept; with no text embedding to
+    rank by, the stage draws one image, as with best_of 1."""
+    torch.manual_seed(0)
+    base, up = _stages()
+    torch.nn.init.normal_(base.unet.out_conv.weight, std=0.3)  # zero-init: make it draw
+    base.cfg = base.cfg.model_copy(update={"best_of": 4})
+    decoder, embed = Decoder([base]).eval(), torch.randn(2, 16)
+
+    def brightness(images: Tensor) -> Tensor:  # (N, 3, h, w) in [0, 1] -> (N, 2)
+        m = images.mean((1, 2, 3))
+        return torch.stack([m, 1 - m], dim=-1)
+
+    def gens() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in (1, 2)]
+
+    candidates = (base.sample(embed.repeat_interleave(4, 0), generator=gens()) + 1) / 2
+    means = candidates.mean((1, 2, 3)).view(2, 4)
+    assert (means.argmax(1) != means.argmin(1)).all()
+    for direction, pick in (([1.0, 0.0], means.argmax(1)), ([0.0, 1.0], means.argmin(1))):
+        text = torch.tensor([direction, direction])
+        out = decoder.sample(embed, generator=gens(), text_embed=text, encode_image=brightness)
+        assert torch.equal(out, candidates.view(2, 4, 3, 8, 8)[torch.arange(2), pick])
+    unranked = decoder.sample(embed, generator=torch.Generator().manual_seed(0))
+    base.cfg = base.cfg.model_copy(update={"best_of": 1})
+    assert torch.equal(unranked, decoder.sample(embed, generator=torch.Generator().manual_seed(0)))
+    cascade = Decoder([base, up]).eval()
+    base.cfg = base.cfg.model_copy(update={"best_of": 3})
+    drawn = cascade.sample(embed, text_embed=torch.randn(2, 2), encode_image=brightness)
+    assert drawn.shape == (2, 3, 16, 16)
+
+
 def test_decoder_stage_draws_what_the_caption_tokens_say() -> None:
     """One image embedding for four flat colours: only the caption tokens tell them apart."""
     torch.manual_seed(0)

@@ -85,7 +85,15 @@ def generate(
         tokens = None if enc.tokens is None else enc.tokens.float()
         with autocast(device, dtype):
             embed = prior.sample(enc.embed.float(), tokens, enc.mask, generator=gen)
-            images = decoder.sample(embed, tokens, enc.mask, cfgs=decoder_cfgs, generator=gen)
+            images = decoder.sample(
+                embed,
+                tokens,
+                enc.mask,
+                cfgs=decoder_cfgs,
+                generator=gen,
+                text_embed=enc.embed,
+                encode_image=clip.encode_image,
+            )
         if not bool(torch.isfinite(images).all() and torch.isfinite(embed).all()):
             raise NonFiniteOutputError(
                 f"sampling produced NaN or infinite values for prompts {start}.."

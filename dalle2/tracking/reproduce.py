@@ -213,15 +213,27 @@ def checkout(project: Path, commit: str, dest: Path, data_dir: str) -> Path:
 
 
 def restore_data(project: Path, work: Path, recorded: RecordedRun) -> None:
-    """`dvc pull` the run's data snapshot into the worktree.
+    """`dvc pull` the run's data snapshot into the worktree."""
+    if not (work / ".dvc").is_dir():
+        raise ReproduceError(f"commit {recorded.commit} has no .dvc folder, so DVC cannot pull")
+    share_dvc(project, work)
+    (work / f"{recorded.data_dir}.dvc").write_bytes(recorded.pointer)
+    try:
+        remote = remote_args(work)  # the team stack's remote when $DALLE2_DVC_REMOTE names it
+    except VersioningError as err:
+        raise ReproduceError(str(err)) from None
+    print(f"reproduce: dvc pull {' '.join(remote)} {recorded.data_dir}.dvc", flush=True)
+    _dvc(work, "pull", "-q", *remote, f"{recorded.data_dir}.dvc")
+
+
+def share_dvc(project: Path, work: Path) -> None:
+    """Give a worktree the project's DVC cache and remotes.
 
     The worktree keeps the committed .dvc/config, but a local remote's relative URL would
     resolve inside the worktree, and its own cache would download everything again. So the
     project's config.local is carried over, every remote is pointed at the URL the project
     resolves it to, and the cache at the project's cache.
     """
-    if not (work / ".dvc").is_dir():
-        raise ReproduceError(f"commit {recorded.commit} has no .dvc folder, so DVC cannot pull")
     local = project / ".dvc" / "config.local"
     if local.is_file():
         shutil.copy(local, work / ".dvc" / "config.local")
@@ -233,13 +245,6 @@ def restore_data(project: Path, work: Path, recorded: RecordedRun) -> None:
             urls[key.removeprefix("remote.").removesuffix(".url")] = value
     for name, url in urls.items():
         _dvc(work, "remote", "modify", "--local", name, "url", url)
-    (work / f"{recorded.data_dir}.dvc").write_bytes(recorded.pointer)
-    try:
-        remote = remote_args(work)  # the team stack's remote when $DALLE2_DVC_REMOTE names it
-    except VersioningError as err:
-        raise ReproduceError(str(err)) from None
-    print(f"reproduce: dvc pull {' '.join(remote)} {recorded.data_dir}.dvc", flush=True)
-    _dvc(work, "pull", "-q", *remote, f"{recorded.data_dir}.dvc")
 
 
 def run_config(
@@ -312,10 +317,10 @@ def run_pipeline(work: Path, config_file: Path) -> None:
     cmd += ["pipelines.unclip.unclip_pipeline", "-c", str(config_file)]
     path = [str(work), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "ZENML_REPOSITORY_PATH": str(work), "PYTHONPATH": os.pathsep.join(path)}
-    print(f"reproduce: {' '.join(cmd[1:])} (in {work})", flush=True)
+    print(f"{' '.join(cmd[1:])} (in {work})", flush=True)
     code = subprocess.run(cmd, cwd=work, env=env).returncode
     if code:
-        raise ReproduceError(f"the reproducing pipeline run failed (exit code {code}); see above")
+        raise ReproduceError(f"the pipeline run in {work} failed (exit code {code}); see above")
 
 
 def _sha256(path: Path) -> str:
