@@ -88,7 +88,8 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="N",
-        help="the base stage draws N images a caption and CLIP keeps the closest",
+        help="the base stage draws N images a caption, each from its own prior draw, and CLIP "
+        "keeps the closest",
     )
     parser.add_argument(
         "--splits",

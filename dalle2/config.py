@@ -319,8 +319,8 @@ class DecoderStageConfig(_Strict):
     random_crop: int | None = None  # train upsamplers on crops of this size
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig(guidance_scale=3.0)
-    # images drawn per caption at this stage; the one CLIP's image tower puts closest to the
-    # caption's embedding goes on (the prior's best_of, for pixels). 1: no reranking
+    # images drawn per caption at this stage (at the first, each from its own prior draw);
+    # the one CLIP's image tower puts closest to the caption's embedding goes on. 1: no reranking
     best_of: int = Field(1, ge=1)
 
     @model_validator(mode="after")

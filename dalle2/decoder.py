@@ -6,7 +6,7 @@ Upsamplers train on ground-truth low-res images that are blurred and noised, so 
 forgive the artefacts of the stage before them.
 
     loss = stage.loss(images, image_embed, text_tokens, text_mask)  # images in [-1, 1]
-    images = Decoder(stages).sample(image_embed, text_tokens, text_mask)  # in [0, 1]
+    images, _ = Decoder(stages).sample(image_embed, text_tokens, text_mask)  # in [0, 1]
 """
 
 from __future__ import annotations
@@ -204,20 +204,33 @@ class Decoder(nn.Module):
         progress: bool = False,
         text_embed: Tensor | None = None,
         encode_image: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
-        """(B, 3, H, W) images in [0, 1] drawn through the whole cascade.
+    ) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) images in [0, 1] drawn through the whole cascade, and the (B, E) image
+        embedding each was drawn from.
 
         Given the captions' CLIP `text_embed` (B, E) and CLIP's `encode_image` ((N, 3, h, w)
-        in [0, 1] -> (N, E)), a stage with best_of > 1 draws that many images per caption and
+        in [0, 1] -> (N, E)), a stage with best_of n > 1 draws n images per caption and
         passes on the one closest to its caption; without them every stage draws one.
+        `image_embed` may hold n candidates per caption, (B, n, E) (the prior's own draws),
+        for a first stage with best_of n: it then draws one image from each, so a caption
+        whose first embedding draws nothing still gets its other chances.
         """
         cfgs = list(cfgs) if cfgs is not None else [None] * len(self.stages)
         rank = text_embed is not None and encode_image is not None
-        images = None
+        embed, images = image_embed, None
         for stage, cfg in zip(self.stages, cfgs, strict=True):
             n = stage.cfg.best_of if rank else 1
+            if embed.dim() == 3:
+                if embed.shape[1] != n:
+                    raise ValueError(
+                        f"{embed.shape[1]} candidate embeddings a caption for a stage that "
+                        f"draws {n} images a caption (best_of, with text_embed and encode_image)"
+                    )
+                drawn_from = embed.flatten(0, 1)
+            else:
+                drawn_from = _repeat(embed, n)
             drawn = stage.sample(
-                _repeat(image_embed, n),
+                drawn_from,
                 _repeat(images, n),
                 text_tokens=_repeat(text_tokens, n),
                 text_mask=_repeat(text_mask, n),
@@ -229,9 +242,11 @@ class Decoder(nn.Module):
                 found = F.normalize(encode_image((drawn + 1) / 2).float(), dim=-1)
                 target = F.normalize(text_embed.float(), dim=-1)
                 sim = (found.view(-1, n, found.shape[-1]) * target[:, None]).sum(-1)  # (B, n)
-                drawn = drawn.view(-1, n, *drawn.shape[1:])[torch.arange(len(sim)), sim.argmax(1)]
+                pick = torch.arange(len(sim)), sim.argmax(1)
+                drawn = drawn.view(-1, n, *drawn.shape[1:])[pick]
+                embed = drawn_from.view(-1, n, drawn_from.shape[-1])[pick]
             images = drawn
-        return (images + 1) / 2
+        return (images + 1) / 2, embed
 
 
 def _repeat(x: Tensor | None, n: int) -> Tensor | None:
@@ -246,4 +261,4 @@ def image_variations(
     """New images (B, 3, H, W) in [0, 1] that share the CLIP image embedding of `images`."""
     with torch.no_grad():
         embed = clip.encode_image(images).float()
-    return decoder.sample(embed, generator=generator)
+    return decoder.sample(embed, generator=generator)[0]

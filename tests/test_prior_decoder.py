@@ -122,7 +122,7 @@ def test_decoder_stages_train_and_cascade() -> None:
         loss = stage.loss(images, embed)
         loss.backward()
         assert torch.isfinite(loss)
-    out = Decoder(stages).eval().sample(embed, generator=torch.Generator().manual_seed(0))
+    out, _ = Decoder(stages).eval().sample(embed, generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 16, 16) and out.min() >= 0 and out.max() <= 1
 
 
@@ -148,15 +148,49 @@ def test_stage_best_of_keeps_the_candidate_clip_puts_closest_to_the_caption() ->
     assert (means.argmax(1) != means.argmin(1)).all()
     for direction, pick in (([1.0, 0.0], means.argmax(1)), ([0.0, 1.0], means.argmin(1))):
         text = torch.tensor([direction, direction])
-        out = decoder.sample(embed, generator=gens(), text_embed=text, encode_image=brightness)
+        out, kept = decoder.sample(
+            embed, generator=gens(), text_embed=text, encode_image=brightness
+        )
         assert torch.equal(out, candidates.view(2, 4, 3, 8, 8)[torch.arange(2), pick])
-    unranked = decoder.sample(embed, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(kept, embed)
+    unranked, _ = decoder.sample(embed, generator=torch.Generator().manual_seed(0))
     base.cfg = base.cfg.model_copy(update={"best_of": 1})
-    assert torch.equal(unranked, decoder.sample(embed, generator=torch.Generator().manual_seed(0)))
+    again, _ = decoder.sample(embed, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unranked, again)
     cascade = Decoder([base, up]).eval()
     base.cfg = base.cfg.model_copy(update={"best_of": 3})
-    drawn = cascade.sample(embed, text_embed=torch.randn(2, 2), encode_image=brightness)
+    drawn, _ = cascade.sample(embed, text_embed=torch.randn(2, 2), encode_image=brightness)
     assert drawn.shape == (2, 3, 16, 16)
+
+
+def test_stage_best_of_draws_one_image_from_each_candidate_embedding() -> None:
+    """Given (B, n, E) candidate embeddings (the prior's draws), a best_of n stage draws one
+    image from each, keeps the one CLIP ranks first and hands on the embedding it came
+    from; candidates that do not match its best_of are refused."""
+    torch.manual_seed(0)
+    base, up = _stages()
+    torch.nn.init.normal_(base.unet.out_conv.weight, std=0.3)
+    base.cfg = base.cfg.model_copy(update={"best_of": 3})
+    cands = torch.randn(2, 3, 16)
+
+    def brightness(images: Tensor) -> Tensor:
+        m = images.mean((1, 2, 3))
+        return torch.stack([m, 1 - m], dim=-1)
+
+    gen = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    each = (base.sample(cands.flatten(0, 1), generator=gen) + 1) / 2
+    pick = torch.arange(2), each.mean((1, 2, 3)).view(2, 3).argmax(1)
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    gen = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    decoder = Decoder([base]).eval()
+    out, kept = decoder.sample(cands, generator=gen, text_embed=text, encode_image=brightness)
+    assert torch.equal(out, each.view(2, 3, 3, 8, 8)[pick])
+    assert torch.equal(kept, cands[pick])
+    cascade = Decoder([base, up]).eval()
+    drawn, kept = cascade.sample(cands, text_embed=text, encode_image=brightness)
+    assert drawn.shape == (2, 3, 16, 16) and kept.shape == (2, 16)
+    with pytest.raises(ValueError, match="3 candidate embeddings a caption"):
+        decoder.sample(cands)
 
 
 def test_decoder_stage_draws_what_the_caption_tokens_say() -> None:

@@ -60,7 +60,9 @@ def generate(
     decoder_cfgs: Sequence[SampleConfig | None] | None = None,
     seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 3, H, W) in [0, 1] and the prior's image embeddings (N, E) for captions.
+    """Images (N, 3, H, W) in [0, 1] for captions and the prior's image embeddings (N, E)
+    they were drawn from (where the base stage draws several, each from its own prior draw,
+    the kept image's).
 
     `decoder_cfgs` replaces the sampling settings of some decoder stages (None keeps a
     stage's own), so a served model can take guidance and steps per request. `seeds`, one
@@ -83,10 +85,17 @@ def generate(
             gen = [torch.Generator(device=device).manual_seed(int(s)) for s in rows]
         enc = clip.encode_text(caps, with_tokens=prior.cfg.use_text_tokens or decoder.reads_text)
         tokens = None if enc.tokens is None else enc.tokens.float()
+        # a base stage that draws n images a caption draws each from its own prior draw
+        n = decoder.stages[0].cfg.best_of
         with autocast(device, dtype):
-            embed = prior.sample(enc.embed.float(), tokens, enc.mask, generator=gen)
-            images = decoder.sample(
-                embed,
+            embed = prior.sample(
+                enc.embed.float().repeat_interleave(n, 0),
+                None if tokens is None else tokens.repeat_interleave(n, 0),
+                None if enc.mask is None else enc.mask.repeat_interleave(n, 0),
+                generator=gen,
+            )
+            images, embed = decoder.sample(
+                embed.view(len(caps), n, -1) if n > 1 else embed,
                 tokens,
                 enc.mask,
                 cfgs=decoder_cfgs,
@@ -105,10 +114,16 @@ def generate(
     return torch.cat(out_images), torch.cat(out_embeds)
 
 
-def eval_pairs(cfg: UnclipConfig, shard_dir: Path, emb_dir: Path | None, split: D.Split) -> D.Batch:
+def eval_pairs(
+    cfg: UnclipConfig,
+    shard_dir: Path,
+    emb_dir: Path | None,
+    split: D.Split,
+    text_tokens: bool = False,
+) -> D.Batch:
     """eval.num_prompts pairs of `split` to prompt with, spread over its distinct captions
-    (taken in turn, in shard order), with their images (and embeddings, given emb_dir);
-    {} when empty."""
+    (taken in turn, in shard order), with their images (and embeddings, given emb_dir, with
+    the caption tokens if asked); {} when empty."""
     pool = D.take(
         D.ShardStream(
             shard_dir,
@@ -116,6 +131,7 @@ def eval_pairs(cfg: UnclipConfig, shard_dir: Path, emb_dir: Path | None, split: 
             batch_size=cfg.eval.batch_size,
             split=split,
             holdout=D.Holdout.of(cfg.data),
+            text_tokens=text_tokens,
             shuffle_buffer=0,
             epochs=1,
             drop_last=False,

@@ -121,7 +121,8 @@ def model_card(
     for i, st in enumerate(cfg.decoder):
         name = f"decoder_unet_{i}"
         steps = _steps(name, st.train.steps, st.train.max_minutes is not None, trained_steps)
-        lines.append(f"| {name} | {_stage(st)} | {steps} | {_sampling(st.sample)} |")
+        best = f", best of {st.best_of}" if st.best_of > 1 else ""
+        lines.append(f"| {name} | {_stage(st)} | {steps} | {_sampling(st.sample)}{best} |")
     lines += [
         "",
         f"## Metrics ({cfg.eval.num_prompts} prompts per set, eval seed {cfg.eval.seed})",
