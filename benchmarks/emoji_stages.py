@@ -1,0 +1,214 @@
+"""Where an emoji model loses quality, stage by stage, judged by the independent judge.
+
+For each prompt set of the run's hold-out (held-out (emoji, style) pairs, each hold-out
+rule's set, seen captions) it takes the same prompts as `evaluate` and reads, with the judge
+of benchmarks/emoji_judge.py (trained on the real training images only):
+
+  real images                      the judge's ceiling
+  CLIP retrieval                   the real image's own caption among CLIP's top 5 (top 1) of
+                                   every caption: what CLIP itself tells apart
+  base stage, true embedding       the first unet drawing from the CLIP image embedding of
+                                   the real image (no prior): is the emoji drawn when the
+                                   embedding is right?
+  cascade, true embedding          the same through the upsampler(s)
+  prior + cascade (text)           text to image, as users draw; with the prior's cosine to
+                                   the true image embedding
+
+The first row far below the one above it is the stage that loses the most.
+
+    python benchmarks/emoji_stages.py --run RUN_ID           # or --model URI, --checkpoint DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import emoji_judge as J  # noqa: E402
+
+from dalle2.config import UnclipConfig, load_config  # noqa: E402
+from dalle2.data import shards as D  # noqa: E402
+from dalle2.data.download import dataset_key  # noqa: E402
+from dalle2.evaluation import caption_ranks, retrieval_summary, to_uint8  # noqa: E402
+from dalle2.recipes.evaluate import eval_pairs, generate  # noqa: E402
+
+
+@torch.no_grad()
+def true_embeddings(clip: Any, images_hwc: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """CLIP image embeddings (N, E) of uint8 (N, H, W, 3) images, as the embedding step
+    computes them."""
+    rows = [
+        clip.encode_image(images_hwc[i : i + batch]).float()
+        for i in range(0, len(images_hwc), batch)
+    ]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def draw_from_embeddings(
+    stages: list[Any],
+    embed: torch.Tensor,
+    tokens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    batch: int = 32,
+) -> list[torch.Tensor]:
+    """uint8 (N, 3, s, s) images after each of `stages`, drawn from given image embeddings
+    (and caption tokens, for stages that read them): the decoder without the prior."""
+    gen = torch.Generator().manual_seed(seed)
+    outs: list[list[torch.Tensor]] = [[] for _ in stages]
+    for i in range(0, len(embed), batch):
+        text = {}
+        if tokens is not None:
+            text = {"text_tokens": tokens[i : i + batch].float(), "text_mask": mask[i : i + batch]}
+        images = None
+        for k, stage in enumerate(stages):
+            images = stage.sample(embed[i : i + batch].float(), images, generator=gen, **text)
+            outs[k].append(to_uint8((images + 1) / 2))
+    return [torch.cat(o) for o in outs]
+
+
+def caption_tokens(clip: Any, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's per-token encodings (N, T, D) and mask (N, T) of captions."""
+    with torch.no_grad():
+        encs = [
+            clip.encode_text(captions[i : i + 256], with_tokens=True)
+            for i in range(0, len(captions), 256)
+        ]
+    return torch.cat([e.tokens.float() for e in encs]), torch.cat([e.mask for e in encs])
+
+
+def clip_retrieval(
+    clip: Any, embed: torch.Tensor, captions: list[str], every: list[str]
+) -> dict[str, float]:
+    """Top-1/top-5 of each real image's own caption among `every` caption, under CLIP."""
+    with torch.no_grad():
+        text = torch.cat(
+            [clip.encode_text(every[i : i + 256]).embed.float() for i in range(0, len(every), 256)]
+        )
+    index = {c: i for i, c in enumerate(every)}
+    ranks = caption_ranks(embed, text, torch.tensor([index[c] for c in captions]))
+    return retrieval_summary(ranks)
+
+
+def stage_rows(
+    cfg: UnclipConfig,
+    models: tuple[Any, Any, Any],
+    judge: J.EmojiJudge,
+    shard_dir: Path,
+    *,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One dict per (prompt set, path): the judge's figures and where they apply, the
+    prior's cosine and CLIP's retrieval."""
+    clip, prior, decoder = (m.eval() for m in models)
+    every = D.read_captions(shard_dir)
+    out = []
+    for split, set_name in D.Holdout.of(cfg.data).sets:
+        pairs = eval_pairs(cfg, shard_dir, None, split)
+        if not pairs:
+            continue
+        prompts = list(pairs["caption"])
+        real = pairs["image"]  # uint8 (N, H, W, 3)
+        progress(f"{set_name}: {len(prompts)} prompts")
+        embed = true_embeddings(clip, real)
+        tokens, mask = caption_tokens(clip, prompts) if decoder.reads_text else (None, None)
+        drawn = draw_from_embeddings(list(decoder.stages), embed, tokens, mask, seed=cfg.eval.seed)
+        images, predicted = generate(
+            clip,
+            prior,
+            decoder,
+            prompts,
+            device=torch.device("cpu"),
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+        )
+        cos = float(F.cosine_similarity(predicted.float(), embed.float(), dim=-1).mean())
+        clip_r = clip_retrieval(clip, embed, prompts, every)
+        paths = [
+            ("real images (judge's ceiling)", real, {}),
+            (f"base stage, true embedding ({drawn[0].shape[-1]} px)", drawn[0], {}),
+        ]
+        if len(drawn) > 1:
+            paths.append((f"cascade, true embedding ({drawn[-1].shape[-1]} px)", drawn[-1], {}))
+        paths.append(("prior + cascade (text)", to_uint8(images), {"prior_cos": cos}))
+        out.append(
+            {
+                "set": set_name,
+                "path": "CLIP retrieval (caption among all)",
+                "prompts": len(prompts),
+                "top5": clip_r["top5"],
+                "top1": clip_r["top1"],
+            }
+        )
+        for name, imgs, extra in paths:
+            out.append(
+                {"set": set_name, "path": name, **J.summary(judge.score(imgs, prompts)), **extra}
+            )
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| prompt set | path | prompts | emoji top-5 | top-1 | style | tone (toned) "
+        "| prior cos to true |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tone = f"{J.pct(r['tone'])} ({int(r['toned'])})" if r.get("toned") else "-"
+        cells = [
+            r["set"],
+            r["path"],
+            str(r["prompts"]),
+            J.pct(r["top5"]),
+            J.pct(r["top1"]),
+            J.pct(r.get("style", float("nan"))),
+            tone,
+            J.pct(r.get("prior_cos", float("nan"))),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from dalle2.cli import _model_dir
+    from dalle2.models import load_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "emoji64.yaml"))
+    parser.add_argument("--run", help="MLflow run id (default: the latest run)")
+    parser.add_argument("--model", help="MLflow model URI")
+    parser.add_argument("--checkpoint", help="a folder with clip/, prior/, decoder_unet_*/")
+    parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlruns.db'}")
+    parser.add_argument("--prompts", type=int, default=64, help="per prompt set")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    cfg = load_config(Path(args.config))
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
+    shard_dir = ROOT / cfg.data.data_dir / dataset_key(cfg.data)
+    judge, meta = J.judge_for(shard_dir, D.Holdout.of(cfg.data))
+    with tempfile.TemporaryDirectory() as tmp:
+        models = load_pipeline(_model_dir(args, Path(tmp)))
+    rows = stage_rows(cfg, models, judge, shard_dir)
+    print(f"judge {meta['key']} ({len(judge.emoji)} emoji); data {shard_dir}")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
