@@ -1,4 +1,9 @@
-"""What a model trained on the emoji source draws right: the emoji, its style, its skin tone.
+"""A second opinion on an emoji model, from its own CLIP: the emoji, its style, its tone.
+
+The independent measure is benchmarks/emoji_judge.py (a classifier that is none of the
+pipeline's models). This script reads the same things with the run's own CLIP, which
+learned from the same images and flatters its own pictures (generated style scores above
+real style): a retrieval figure, named for what it is.
 
 The library's metrics know no caption grammar; this benchmark knows the emoji source's
 ("{CLDR name}, {style} style", tones as "...: dark skin tone"). For each prompt set of the
@@ -12,8 +17,8 @@ image, and the prompt's real image as the ceiling, under the run's own CLIP:
   tone         (prompts with a skin tone) of the captions of the same emoji and style that
                differ only in tone (no tone included), the asked one is closest
 
-A judge here is the pipeline's CLIP, trained on these images: it reads style and tone as
-well as the real images' column says, and no better.
+The pipeline's CLIP reads style and tone as well as the real images' column says, and no
+better.
 
     python benchmarks/emoji_breakdown.py --config configs/emoji64.yaml --run RUN_ID
     python benchmarks/emoji_breakdown.py --model models:/unclip-emoji64@champion \
@@ -23,32 +28,28 @@ well as the real images' column says, and no better.
 from __future__ import annotations
 
 import argparse
-import re
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-from dalle2.cli import _model_dir
-from dalle2.config import parse_config
 from dalle2.data import shards as D
-from dalle2.data.download import dataset_key
 from dalle2.evaluation import captioned_grid, to_uint8
-from dalle2.models import load_pipeline
 from dalle2.recipes.evaluate import eval_pairs, generate
 
 ROOT = Path(__file__).resolve().parent.parent
-TONE = re.compile(r"(?:(?<=: )|, )?\b(?:light|medium-light|medium|medium-dark|dark) skin tone")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import emoji_judge as J  # noqa: E402
+from emoji_stages import load_run, model_args  # noqa: E402
 
 
 def parse(caption: str) -> tuple[str, str, str]:
-    """(emoji name, style, tone family): the name without its tones names the family."""
-    name, _, style = caption.rpartition(", ")
-    family = re.sub(r":\s*$", "", TONE.sub("", name)).replace(": , ", ": ").strip(", ")
-    return name, style.removesuffix(" style"), family
+    """(emoji name with its tones, style, tone family): the caption grammar is emoji_judge's."""
+    label = J.parse(caption)
+    return caption.rpartition(", ")[0], label.style, label.emoji
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ class Judge:
             emoji.append(float(self.names.index(name) in top5[i].tolist()))
             rivals = [j for j, p in enumerate(self.parsed) if p[0] == name]
             style.append(float(self.parsed[max(rivals, key=lambda j: sims[i, j])][1] == st))
-            if TONE.search(name):
+            if J.parse(prompt).tone != "none":
                 tones = [j for j, p in enumerate(self.parsed) if p[2] == family and p[1] == st]
                 tone.append(float(max(tones, key=lambda j: sims[i, j]) == self.index[prompt]))
             else:
@@ -107,21 +108,10 @@ def pct(values: np.ndarray) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "emoji64.yaml"))
-    parser.add_argument("--model", help="MLflow model URI (default: the latest run's models)")
-    parser.add_argument("--run", help="MLflow run id")
-    parser.add_argument("--checkpoint", help="a folder with clip/, prior/, decoder_unet_*/")
-    parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlruns.db'}")
-    parser.add_argument("--prompts", type=int, default=128, help="per prompt set")
+    model_args(parser)
     parser.add_argument("--grid", help="write the first held-out set's captioned grid here")
     args = parser.parse_args()
-
-    cfg = parse_config(yaml.safe_load(Path(args.config).read_text())["parameters"]["config"])
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
-    shard_dir = ROOT / cfg.data.data_dir / dataset_key(cfg.data)
-    with tempfile.TemporaryDirectory() as tmp:
-        clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
-    clip.eval(), prior.eval(), decoder.eval()
+    cfg, shard_dir, (clip, prior, decoder) = load_run(args)
     judge = Judge(clip, sorted(set(D.read_captions(shard_dir))))
     print(f"data {shard_dir}: {len(judge.captions)} captions, {len(judge.names)} emoji names")
     print(

@@ -183,26 +183,35 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def model_args(parser: argparse.ArgumentParser) -> None:
+    """--config, the model's source (as `dalle2 generate` takes it) and --prompts."""
+    from dalle2.cli import _add_model_source
+
+    parser.add_argument("--config", default=str(ROOT / "configs" / "emoji64.yaml"))
+    _add_model_source(parser)
+    parser.add_argument("--prompts", type=int, default=128, help="per prompt set")
+
+
+def load_run(args: argparse.Namespace) -> tuple[UnclipConfig, Path, tuple[Any, Any, Any]]:
+    """The run config (eval.num_prompts from --prompts), its data folder and its models."""
     from dalle2.cli import _model_dir
     from dalle2.models import load_pipeline
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "emoji64.yaml"))
-    parser.add_argument("--run", help="MLflow run id (default: the latest run)")
-    parser.add_argument("--model", help="MLflow model URI")
-    parser.add_argument("--checkpoint", help="a folder with clip/, prior/, decoder_unet_*/")
-    parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlruns.db'}")
-    parser.add_argument("--prompts", type=int, default=64, help="per prompt set")
-    parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args()
 
     cfg = load_config(Path(args.config))
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
     shard_dir = ROOT / cfg.data.data_dir / dataset_key(cfg.data)
-    judge, meta = J.judge_for(shard_dir, D.Holdout.of(cfg.data))
     with tempfile.TemporaryDirectory() as tmp:
-        models = load_pipeline(_model_dir(args, Path(tmp)))
+        clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
+    return cfg, shard_dir, (clip.eval(), prior.eval(), decoder.eval())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    model_args(parser)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    cfg, shard_dir, models = load_run(args)
+    judge, meta = J.judge_for(shard_dir, D.Holdout.of(cfg.data))
     rows = stage_rows(cfg, models, judge, shard_dir)
     print(f"judge {meta['key']} ({len(judge.emoji)} emoji); data {shard_dir}")
     print(table(rows))
