@@ -172,7 +172,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells = [
             r["set"],
             r["path"],
-            str(r["prompts"]),
+            str(int(r["prompts"])),
             J.pct(r["top5"]),
             J.pct(r["top1"]),
             J.pct(r.get("style", float("nan"))),
