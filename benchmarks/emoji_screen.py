@@ -41,6 +41,7 @@ from dalle2.data.download import dataset_key  # noqa: E402
 from dalle2.recipes.decoder import fit_decoder_stage  # noqa: E402
 from dalle2.recipes.evaluate import eval_pairs  # noqa: E402
 from dalle2.training.fit import Run  # noqa: E402
+from dalle2.training.trainer import TrainResult  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "emoji_screen.jsonl"
 STEPS = 2500  # the protocol's base unet steps: about 6 passes over the 13,000 training images
@@ -64,13 +65,14 @@ def find_embeddings(data_md5: str | None = None) -> Path:
     return found[-1]
 
 
-def train(cfg: UnclipConfig, shard_dir: Path, emb_dir: Path, progress: bool) -> tuple[Any, float]:
-    """The base unet trained as the config says; the seconds it took."""
-    t0 = time.perf_counter()
-    stage, _ = fit_decoder_stage(
+def train(
+    cfg: UnclipConfig, shard_dir: Path, emb_dir: Path, progress: bool
+) -> tuple[Any, TrainResult]:
+    """The base unet trained as the config says (its steps, or its max_minutes)."""
+    stage, result = fit_decoder_stage(
         cfg.decoder[0], 0, cfg.data, shard_dir, emb_dir, Run(torch.device("cpu"), progress=progress)
     )
-    return stage.eval(), time.perf_counter() - t0
+    return stage.eval(), result
 
 
 def judge_stage(
@@ -145,19 +147,19 @@ def main() -> None:
     judge, meta = J.judge_for(shard_dir, D.Holdout.of(cfg.data), progress=not args.no_progress)
     emb_dir = Path(args.embeddings) if args.embeddings else find_embeddings()
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
-    stage, train_s = train(cfg, shard_dir, emb_dir, progress=not args.no_progress)
+    stage, result = train(cfg, shard_dir, emb_dir, progress=not args.no_progress)
     rows = []
     for g in args.guidance or [None]:
         rows.append(
             {
                 "name": args.name if g is None else f"{args.name}, guidance {g:g}",
                 "set": args.set,
-                "steps": args.steps,
+                "steps": result.final_step,
                 "date": time.strftime("%Y-%m-%d"),
                 "threads": torch.get_num_threads(),
                 "judge": meta["key"],
                 "embeddings": emb_dir.name,
-                "train_s": round(train_s, 1),
+                "train_s": round(result.seconds, 1),
                 "figures": judge_stage(stage, cfg, shard_dir, emb_dir, judge, g),
             }
         )

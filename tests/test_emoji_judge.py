@@ -214,12 +214,12 @@ def test_screen_trains_the_base_unet_and_judges_it_on_true_embeddings(
         device=torch.device("cpu"),
         progress=False,
     )
-    stage, seconds = emoji_screen.train(cfg, shard_dir, emb_dir, progress=False)
-    assert seconds > 0 and stage.reads_text
+    stage, result = emoji_screen.train(cfg, shard_dir, emb_dir, progress=False)
+    assert result.final_step == cfg.decoder[0].train.steps and stage.reads_text
     figures = emoji_screen.judge_stage(stage, cfg, shard_dir, emb_dir, judge, guidance=1.0)
     assert set(figures) == {"unseen_captions", "unseen_dark_tone", "seen_captions"}
     assert stage.cfg.sample.guidance_scale == 1.0
     for f in figures.values():
         assert f["prompts"] == cfg.eval.num_prompts and 0 <= f["top5"] <= 1
-    row = {"name": "tiny", "steps": 10, "train_s": seconds, "figures": figures}
+    row = {"name": "tiny", "steps": 10, "train_s": result.seconds, "figures": figures}
     assert "| tiny | 10 |" in emoji_screen.table([row])
