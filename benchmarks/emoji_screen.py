@@ -155,6 +155,7 @@ def main() -> None:
                 "name": args.name if g is None else f"{args.name}, guidance {g:g}",
                 "set": args.set,
                 "steps": result.final_step,
+                "prompts": args.prompts,
                 "date": time.strftime("%Y-%m-%d"),
                 "threads": torch.get_num_threads(),
                 "judge": meta["key"],
