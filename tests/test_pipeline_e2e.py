@@ -304,6 +304,7 @@ def test_a_run_from_another_lock_is_refused_before_anything_trains(
     client.set_tag(original, "env.lock_sha256", "0" * 64)  # as if trained from another lock
     monkeypatch.setenv("ZENML_REPOSITORY_PATH", str(root))
     monkeypatch.chdir(root)
+    capsys.readouterr()  # the download above may draw MLflow's progress bar: not the CLI's
     try:  # the console script's own entry point, in this process (its start-up costs ~10 s)
         code = main(["reproduce", original, "--tracking-uri", uri])
     finally:
