@@ -38,6 +38,7 @@ from withheld_pairs import apply_override  # noqa: E402
 from dalle2.config import UnclipConfig, parse_config  # noqa: E402
 from dalle2.data import shards as D  # noqa: E402
 from dalle2.data.download import dataset_key  # noqa: E402
+from dalle2.device import pick_device  # noqa: E402
 from dalle2.recipes.decoder import fit_decoder_stage  # noqa: E402
 from dalle2.recipes.evaluate import eval_pairs  # noqa: E402
 from dalle2.training.fit import Run  # noqa: E402
@@ -68,11 +69,11 @@ def find_embeddings(data_md5: str | None = None) -> Path:
 def train(
     cfg: UnclipConfig, shard_dir: Path, emb_dir: Path, progress: bool
 ) -> tuple[Any, TrainResult]:
-    """The base unet trained as the config says (its steps, or its max_minutes)."""
-    stage, result = fit_decoder_stage(
-        cfg.decoder[0], 0, cfg.data, shard_dir, emb_dir, Run(torch.device("cpu"), progress=progress)
-    )
-    return stage.eval(), result
+    """The base unet trained as the config says (its steps, or its max_minutes), on the
+    config's device; returned on the CPU, where the judge's images are drawn."""
+    run = Run(pick_device(cfg.device), progress=progress)
+    stage, result = fit_decoder_stage(cfg.decoder[0], 0, cfg.data, shard_dir, emb_dir, run)
+    return stage.cpu().eval(), result
 
 
 def judge_stage(
