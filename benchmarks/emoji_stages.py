@@ -17,6 +17,7 @@ of benchmarks/emoji_judge.py (trained on the real training images only):
 The first row far below the one above it is the stage that loses the most.
 
     python benchmarks/emoji_stages.py --run RUN_ID           # or --model URI, --checkpoint DIR
+    python benchmarks/emoji_stages.py --run RUN_ID --set decoder.0.best_of=4   # sampling levers
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import emoji_judge as J  # noqa: E402
+from withheld_pairs import apply_override  # noqa: E402
 
 from dalle2.config import UnclipConfig, load_config  # noqa: E402
 from dalle2.data import shards as D  # noqa: E402
@@ -184,12 +186,40 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def model_args(parser: argparse.ArgumentParser) -> None:
-    """--config, the model's source (as `dalle2 generate` takes it) and --prompts."""
+    """--config, the model's source (as `dalle2 generate` takes it), --prompts and --set."""
     from dalle2.cli import _add_model_source
 
     parser.add_argument("--config", default=str(ROOT / "configs" / "emoji64.yaml"))
     _add_model_source(parser)
     parser.add_argument("--prompts", type=int, default=128, help="per prompt set")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a sampling setting of the loaded models: prior.best_of=4, decoder.0.sample.steps=60",
+    )
+
+
+SAMPLING_KEYS = ("sample", "best_of")  # what a trained model may change without training
+
+
+def set_sampling(prior: Any, decoder: Any, assignments: list[str]) -> None:
+    """Apply `prior.KEY=V` / `decoder.I.KEY=V` to the loaded models' sampling settings."""
+    for assignment in assignments:
+        path = assignment.partition("=")[0].split(".")
+        if path[0] == "prior":
+            model, rest = prior, path[1:]
+        elif path[0] == "decoder" and len(path) > 2 and path[1].isdigit():
+            model, rest = decoder.stages[int(path[1])], path[2:]
+        else:
+            raise SystemExit(f"--set {assignment}: say prior.KEY=V or decoder.I.KEY=V")
+        if rest[0] not in SAMPLING_KEYS:
+            raise SystemExit(
+                f"--set {assignment}: only {', '.join(SAMPLING_KEYS)} change without training"
+            )
+        raw = model.cfg.model_dump()
+        apply_override(raw, ".".join(rest) + "=" + assignment.partition("=")[2])
+        model.cfg = type(model.cfg).model_validate(raw)
 
 
 def load_run(args: argparse.Namespace) -> tuple[UnclipConfig, Path, tuple[Any, Any, Any]]:
@@ -202,6 +232,7 @@ def load_run(args: argparse.Namespace) -> tuple[UnclipConfig, Path, tuple[Any, A
     shard_dir = ROOT / cfg.data.data_dir / dataset_key(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
+    set_sampling(prior, decoder, args.set)
     return cfg, shard_dir, (clip.eval(), prior.eval(), decoder.eval())
 
 
@@ -212,7 +243,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg, shard_dir, models = load_run(args)
     judge, meta = J.judge_for(shard_dir, D.Holdout.of(cfg.data))
-    rows = stage_rows(cfg, models, judge, shard_dir)
+    rows = [{**r, "sampling": args.set} for r in stage_rows(cfg, models, judge, shard_dir)]
     print(f"judge {meta['key']} ({len(judge.emoji)} emoji); data {shard_dir}")
     print(table(rows))
     if args.json:

@@ -36,6 +36,12 @@ class DiffusionConfig(_Strict):
     loss_weighting: Literal["none", "min_snr", "p2"] = "none"  # per-timestep loss weights
     min_snr_gamma: float = Field(5.0, gt=0)  # clamp of the SNR weight (Hang et al. 2023)
     learned_variance: bool = False  # hybrid loss of Nichol & Dhariwal 2021
+    # how training draws the noise level: every timestep alike, or ln(sigma) normal as in
+    # EDM (Karras et al. 2022), sigma = sqrt((1 - a_t) / a_t) in the data's units, which
+    # spends the steps on the middle levels where the image is decided
+    noise_levels: Literal["uniform", "lognormal"] = "uniform"
+    lognormal_mean: float = -1.2  # of ln(sigma); EDM's P_mean
+    lognormal_std: float = Field(1.2, gt=0)  # EDM's P_std
 
 
 class SampleConfig(_Strict):

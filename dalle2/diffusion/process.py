@@ -76,6 +76,8 @@ class GaussianDiffusion:
             reverse log-variance (improved-diffusion).
         timestep_map: the training timestep the network is told at each index; set by
             `respace`, identity otherwise.
+        lognormal: (mean, std) of ln(sigma) for the training timesteps (EDM's noise levels);
+            None draws them uniformly.
     """
 
     def __init__(
@@ -86,11 +88,13 @@ class GaussianDiffusion:
         min_snr_gamma: float = 5.0,
         learned_variance: bool = False,
         timestep_map: torch.Tensor | None = None,
+        lognormal: tuple[float, float] | None = None,
     ) -> None:
         self.prediction = Prediction(prediction)
         self.loss_weighting = LossWeighting(loss_weighting)
         self.min_snr_gamma = float(min_snr_gamma)
         self.learned_variance = learned_variance
+        self.lognormal = lognormal
 
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.dim() != 1 or not ((betas > 0) & (betas < 1)).all():
@@ -108,6 +112,7 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
         self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        self.log_sigma = -0.5 * self.snr.log()  # ascending in t
 
         # q(x_{t-1} | x_t, x_0); its variance is 0 at t = 0, so the log uses t = 1's value
         a, a_prev = self.alphas_cumprod, self.alphas_cumprod_prev
@@ -128,6 +133,9 @@ class GaussianDiffusion:
             loss_weighting=cfg.loss_weighting,
             min_snr_gamma=cfg.min_snr_gamma,
             learned_variance=cfg.learned_variance,
+            lognormal=(
+                (cfg.lognormal_mean, cfg.lognormal_std) if cfg.noise_levels == "lognormal" else None
+            ),
         )
 
     @property
@@ -157,6 +165,7 @@ class GaussianDiffusion:
             min_snr_gamma=self.min_snr_gamma,
             learned_variance=self.learned_variance,
             timestep_map=self.timestep_map[keep],
+            lognormal=self.lognormal,
         )
 
     # ------------------------------------------------------------------------- forward
@@ -164,8 +173,14 @@ class GaussianDiffusion:
     def sample_t(
         self, batch: int, device: torch.device, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Uniform timestep indices in [0, T), shape (batch,)."""
-        return torch.randint(0, self.num_steps, (batch,), device=device, generator=generator)
+        """Training timestep indices in [0, T), shape (batch,): uniform, or the step whose
+        sigma is nearest above a log-normal draw."""
+        if self.lognormal is None:
+            return torch.randint(0, self.num_steps, (batch,), device=device, generator=generator)
+        mean, std = self.lognormal
+        z = torch.randn(batch, device=device, generator=generator, dtype=torch.float64)
+        levels = self.log_sigma.to(device)
+        return torch.searchsorted(levels, mean + std * z).clamp(max=self.num_steps - 1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample from q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I)."""

@@ -238,3 +238,21 @@ def test_sample_t_range() -> None:
     t = _process().sample_t(1000, torch.device("cpu"), _gen())
     assert t.dtype == torch.long
     assert t.min().item() == 0 and t.max().item() == T - 1
+
+
+def test_lognormal_noise_levels_follow_the_asked_distribution() -> None:
+    """EDM's levels: ln(sigma) of the drawn steps centres on the mean, about 68% within one
+    std, and the same generator seed draws the same steps."""
+    p = GaussianDiffusion.from_config(
+        DiffusionConfig(noise_levels="lognormal", lognormal_mean=-1.2, lognormal_std=1.2)
+    )
+    t = p.sample_t(20_000, torch.device("cpu"), _gen())
+    log_sigma = p.log_sigma[t]
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() < p.num_steps
+    assert abs(log_sigma.median().item() + 1.2) < 0.05
+    within = ((log_sigma + 1.2).abs() < 1.2).double().mean().item()
+    assert 0.64 < within < 0.72
+    assert torch.equal(t, p.sample_t(20_000, torch.device("cpu"), _gen()))
+    default = GaussianDiffusion.from_config(DiffusionConfig())
+    uniform = default.sample_t(20_000, torch.device("cpu"), _gen())
+    assert abs(uniform.double().mean().item() - 499.5) < 10  # the default is unchanged
