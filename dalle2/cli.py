@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -59,6 +60,29 @@ def _find_run(run: str, tracking_uri: str) -> str:
     )
 
 
+def _check_run_models(run_id: str, tracking_uri: str) -> None:
+    """Refuse, before any download, a run whose models/ lacks a model of its config's
+    cascade: runs logged before register_model completed the folder hold no model of a step
+    ZenML served from its cache, and loaded anyway draw with fewer stages, smaller images.
+    The stage count comes from the config download_images logs as params (`decoder.{i}.*`)."""
+    import mlflow
+
+    from dalle2.models import check_complete
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    stages = {int(m[1]) for k in run.data.params if (m := re.match(r"decoder\.(\d+)\.", k))}
+    held = [Path(a.path).name for a in client.list_artifacts(run_id, "models") if a.is_dir]
+    name, version = run.data.tags.get("registry.model"), run.data.tags.get("registry.version")
+    hint = (
+        f"; its registered model holds them all: pass --model models:/{name}/{version}"
+        if name and version
+        else "; run the pipeline again, which logs every model into its run"
+    )
+    where = f"MLflow run {run_id}'s models/"
+    check_complete(held, max(stages) + 1 if stages else None, where, hint)
+
+
 def _download_run(run_id: str, tracking_uri: str, dst: Path) -> Path:
     import mlflow
 
@@ -103,7 +127,9 @@ def _model_dir(args: argparse.Namespace, tmp: Path) -> Path:
     uri = args.tracking_uri or _default_tracking_uri()
     if args.model:
         return _download_model(args.model, uri, tmp)
-    return _download_run(_find_run(args.run or "latest", uri), uri, tmp)
+    run_id = _find_run(args.run or "latest", uri)
+    _check_run_models(run_id, uri)
+    return _download_run(run_id, uri, tmp)
 
 
 def _add_model_source(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -235,13 +237,48 @@ def unpack_stage(artifact: ModelArtifact) -> tuple[int, DecoderStage]:
     return meta["index"], stage.eval()
 
 
-def load_pipeline(model_dir: Path) -> tuple[OpenClip, DiffusionPrior, Decoder]:
-    """(clip, prior, decoder) from a folder with clip/, prior/, decoder_unet_{i}/: what a run
-    logs as its `models` artifact and the registered model serves."""
-    missing = [d for d in ("clip", "prior", "decoder_unet_0") if not (model_dir / d).is_dir()]
+_STAGE_DIR = re.compile(r"decoder_unet_(\d+)")
+
+
+def model_names(held: Iterable[str] = (), num_stages: int | None = None) -> list[str]:
+    """The folders of a complete models folder (a run's `models/`, the pyfunc's `models`):
+    clip/, prior/ and decoder_unet_{i}/ for each of the cascade's `num_stages` stages.
+
+    No saved model says how many stages its cascade has (a stage's config.json holds its
+    own index only), so without `num_stages` (the run's config knows it) the count is read
+    from the folder names `held`, up to the highest index: that finds a gap, decoder_unet_2/
+    without decoder_unet_1/, but not a missing last upsampler."""
+    if num_stages is None:
+        indices = [int(m[1]) for n in held if (m := _STAGE_DIR.fullmatch(n))]
+        num_stages = max(indices, default=0) + 1
+    return ["clip", "prior", *(f"decoder_unet_{i}" for i in range(num_stages))]
+
+
+def check_complete(held: Iterable[str], num_stages: int | None, where: str, hint: str = "") -> None:
+    """Refuse, in one sentence, a models folder that lacks a model: loaded anyway, a cascade
+    without its last upsampler draws smaller images and says nothing."""
+    held = set(held)
+    expected = model_names(held, num_stages)
+    missing = [n for n in expected if n not in held]
     if missing:
-        raise ModelFileError(f"{model_dir} lacks the model folder(s) {missing}")
+        raise ModelFileError(
+            f"{where} lacks the model folder(s) {', '.join(missing)} of its "
+            f"{len(expected) - 2}-stage cascade{hint}"
+        )
+
+
+def load_pipeline(
+    model_dir: Path, num_stages: int | None = None
+) -> tuple[OpenClip, DiffusionPrior, Decoder]:
+    """(clip, prior, decoder) from a folder with clip/, prior/, decoder_unet_{i}/: what a run
+    logs as its `models` artifact and the registered model serves. A folder that lacks one
+    is refused (check_complete; pass `num_stages` where the config is known), never loaded
+    as a shorter cascade."""
+    model_dir = Path(model_dir)
+    held = [d.name for d in model_dir.iterdir() if d.is_dir()] if model_dir.is_dir() else []
+    check_complete(held, num_stages, str(model_dir))
     clip = unpack_clip(ModelArtifact.from_dir(model_dir / "clip"))
     prior = unpack_prior(ModelArtifact.from_dir(model_dir / "prior"))
-    stages = [unpack_stage(ModelArtifact.from_dir(d)) for d in model_dir.glob("decoder_unet_*")]
+    names = model_names(held, num_stages)[2:]
+    stages = [unpack_stage(ModelArtifact.from_dir(model_dir / n)) for n in names]
     return clip, prior, Decoder([stage for _, stage in sorted(stages, key=lambda s: s[0])])

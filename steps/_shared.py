@@ -92,6 +92,27 @@ def log_model(artifact: ModelArtifact, name: str) -> None:
             mlflow.log_artifacts(str(artifact.to_dir(Path(tmp))), artifact_path=f"models/{name}")
 
 
+def run_models(
+    clip: ModelArtifact, prior: ModelArtifact, unets: list[ModelArtifact]
+) -> dict[str, ModelArtifact]:
+    """A run's models by their folder under models/: clip, prior, decoder_unet_{index}."""
+    return {"clip": clip, "prior": prior, **{f"decoder_unet_{u.config['index']}": u for u in unets}}
+
+
+def log_missing_models(models: dict[str, ModelArtifact]) -> None:
+    """Log each model the MLflow run does not hold whole under models/{name}: a step ZenML
+    serves from its cache never runs, so it never logged its model into this run, and
+    `dalle2 generate --run` would find a shorter cascade. What a step did log is kept."""
+    if not tracking():
+        return
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for name, artifact in models.items():
+        held = {Path(a.path).name for a in client.list_artifacts(run_id, f"models/{name}")}
+        if not {"kind.txt", *artifact.files} <= held:
+            log_model(artifact, name)
+
+
 def git_commit(root: Path, pointer: str = "data.dvc") -> tuple[str, bool]:
     """HEAD, and whether the checkout has uncommitted changes (then HEAD is not the code).
 

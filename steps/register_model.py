@@ -13,10 +13,18 @@ from PIL import Image
 from zenml import ArtifactConfig, log_metadata, step
 
 from dalle2.data.shards import DatasetRef
-from dalle2.models import ModelArtifact
+from dalle2.models import ModelArtifact, model_names
 from dalle2.serving import EXAMPLE_PROMPT, evaluation_set, log_unclip_model, register
 from dalle2.tracking.model_card import model_card
-from steps._shared import load, log_metrics, logger, set_tags, tracking
+from steps._shared import (
+    load,
+    log_metrics,
+    log_missing_models,
+    logger,
+    run_models,
+    set_tags,
+    tracking,
+)
 
 
 def models_id(clip: ModelArtifact, prior: ModelArtifact, unets: list[ModelArtifact]) -> str:
@@ -45,9 +53,10 @@ def register_model(
 ) -> Annotated[str, ArtifactConfig(name="registered_model_uri")]:
     """Log CLIP, prior and cascade as one pyfunc model on this run with a model card, register
     it under `registry.name` and move `registry.alias` to it when its `registry.metric` beats
-    the holder's. Never cached: every run's MLflow run gets its model and card, even when
-    all the training came from ZenML's cache (a version with the same files is then reused,
-    not registered twice). Gets the whole config because the card summarises all of it."""
+    the holder's. Never cached: every run's MLflow run gets its model and card, and under
+    models/ every model a cached training step did not log, even when all the training came
+    from ZenML's cache (a version with the same files is then reused, not registered twice).
+    Gets the whole config because the card summarises all of it."""
     cfg, _ = load(config)
     reg = cfg.registry
     if not tracking():
@@ -58,15 +67,15 @@ def register_model(
     run = client.get_run(run_id)
     measured = run.data.metrics
     env = {k: v for k, v in run.data.tags.items() if k.startswith("env.")}
-    names = ["clip", "prior", *(f"decoder_unet_{i}" for i in range(len(cfg.decoder)))]
+    names = model_names(num_stages=len(cfg.decoder))
     trained = {n: int(measured[f"{n}/steps"]) for n in names if f"{n}/steps" in measured}
     card = model_card(cfg, dataset, metrics, trained, run_id, env)
+    models = run_models(clip, prior, decoder_unets)
+    log_missing_models(models)  # those of training steps served from ZenML's cache
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "models"
-        clip.to_dir(folder / "clip")
-        prior.to_dir(folder / "prior")
-        for unet in decoder_unets:
-            unet.to_dir(folder / f"decoder_unet_{unet.config['index']}")
+        for name, artifact in models.items():
+            artifact.to_dir(folder / name)
         card_file = Path(tmp) / "model_card.md"
         card_file.write_text(card)
         mlflow.log_artifact(str(card_file))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -305,3 +307,70 @@ def test_a_sound_model_folder_still_generates(models, tmp_path) -> None:
     assert main([*args, "--quiet"]) == 0
     assert (out / "0000.png").is_file()
     assert copy.deepcopy(ModelArtifact.from_dir(models / "prior")).verify() is None
+
+
+def test_a_models_folder_without_its_last_upsampler_is_refused(models, tmp_path) -> None:
+    """No saved model says how many stages its cascade has: told the count, load_pipeline
+    refuses a folder without the upsampler rather than draw the base stage's smaller images;
+    a gap in the stages is refused without it."""
+    from dalle2.models import ModelFileError, load_pipeline
+
+    root = tmp_path / "models"
+    subprocess.run(["cp", "-r", str(models), str(root)], check=True)
+    shutil.rmtree(root / "decoder_unet_1")
+    message = "lacks the model folder(s) decoder_unet_{} of its 2-stage cascade"
+    with pytest.raises(ModelFileError, match=re.escape(message.format(1))):
+        load_pipeline(root, num_stages=2)
+    (root / "decoder_unet_0").rename(root / "decoder_unet_1")
+    with pytest.raises(ModelFileError, match=re.escape(message.format(0))):
+        load_pipeline(root)
+
+
+def test_a_run_whose_models_lack_a_stage_is_refused_until_logged(
+    models, tmp_path, monkeypatch, capsys
+) -> None:
+    """A run logged before register_model completed models/: a cached upsampler step left
+    no decoder_unet_1 there, so `generate --run` refuses in one line (the run's config has
+    two stages) and downloads nothing; once log_missing_models adds what the run lacks, the
+    same command draws through both stages."""
+    import mlflow
+    from PIL import Image
+
+    from dalle2.models import ModelArtifact
+    from steps._shared import log_missing_models, log_model, log_params, run_models
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.chdir(tmp_path)
+    arts = {d.name: ModelArtifact.from_dir(d) for d in models.iterdir()}
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as active:
+            log_params(load_config(TINY))  # as download_images logs the config
+            for name in ("clip", "prior", "decoder_unet_0"):  # the steps that ran
+                log_model(arts[name], name)
+        run_id = active.info.run_id
+        out = tmp_path / "out"
+        args = ["generate", "a red circle", "--run", run_id, "--tracking-uri", uri, "--quiet"]
+        capsys.readouterr()  # MLflow's own log lines on creating the store: not the CLI's
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"dalle2: error: MLflow run {run_id}'s models/ lacks the model folder(s) "
+            "decoder_unet_1 of its 2-stage cascade; run the pipeline again, which logs every "
+            "model into its run\n"
+        )
+        assert not out.exists()
+        mlflow.MlflowClient(uri).set_tag(run_id, "registry.model", "unclip")
+        mlflow.MlflowClient(uri).set_tag(run_id, "registry.version", "3")
+        assert main([*args, "--out", str(out)]) == 2
+        assert "holds them all: pass --model models:/unclip/3\n" in capsys.readouterr().err
+
+        with mlflow.start_run(run_id):  # what register_model does in a cached rerun
+            unets = [arts["decoder_unet_0"], arts["decoder_unet_1"]]
+            log_missing_models(run_models(arts["clip"], arts["prior"], unets))
+    finally:
+        mlflow.set_tracking_uri("")
+    held = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id, "models")}
+    assert held == {f"models/{n}" for n in ("clip", "prior", "decoder_unet_0", "decoder_unet_1")}
+    assert main([*args, "--out", str(out)]) == 0
+    assert Image.open(out / "0000.png").size == (32, 32)

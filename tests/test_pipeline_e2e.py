@@ -399,3 +399,46 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in local.iterdir()}
 
     assert weights(rerun["info"]["run_id"]) == weights(first)
+
+
+def test_a_cached_rerun_still_holds_every_model(
+    first_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same command again: every training step comes from ZenML's cache, so none of
+    them runs or logs, yet the new MLflow run holds the whole `models/` folder (the never
+    cached register_model step logs what the cached steps did not), the first run's files,
+    and `dalle2 generate --run` on it draws through the whole cascade."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{first_run / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    before = _runs(first_run)
+    command = [str(BIN / "zenml"), "pipeline", "run", PIPELINE, "-c", "tiny.yaml"]
+    run(command, first_run, env={"PYTHONPATH": str(first_run)})
+    runs = _runs(first_run)
+    assert len(runs) == len(before) + 1
+    rerun = runs[-1].info.run_id
+    trained = [k for k in runs[-1].data.metrics if k.endswith("/final_loss")]
+    assert not trained, f"{trained}: these steps ran, not from the cache"
+    names = ("clip", "prior", "decoder_unet_0", "decoder_unet_1")
+    held = {a.path for a in client.list_artifacts(rerun, "models")}
+    assert held == {f"models/{n}" for n in names}
+
+    def manifests(run_id: str) -> dict[str, str]:
+        dst = first_run / ".cache" / f"manifests-{run_id}"
+        return {
+            n: Path(
+                client.download_artifacts(run_id, f"models/{n}/manifest.json", str(dst))
+            ).read_text()
+            for n in names
+        }
+
+    assert manifests(rerun) == manifests(runs[0].info.run_id), "the first run's models"
+
+    out = first_run / "generated-cached"
+    monkeypatch.chdir(first_run)
+    args = ["generate", "a red circle", "--run", rerun, "--tracking-uri", uri, "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0, capsys.readouterr().err
+    from PIL import Image
+
+    assert Image.open(out / "0000.png").size == (32, 32), "both decoder stages drew"
