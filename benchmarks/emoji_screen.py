@@ -6,10 +6,13 @@ embeddings a full run already computed, for a fixed number of steps; then draws 
 *true* CLIP image embeddings (and caption tokens) of fixed held-out and seen images, and the
 independent judge (benchmarks/emoji_judge.py) reads the 32 px images. No CLIP, prior or
 upsampler trains, so a row takes minutes, not the preset's hour. Winners are confirmed with
-the full preset.
+the full preset. A row that changes CLIP (`--set clip.train.steps=3000`) first trains that
+CLIP and embeds the data with it (about 6 more minutes), so the base unet trains on, and is
+judged from, that CLIP's embeddings.
 
     python benchmarks/emoji_screen.py --name "preset"                 # today's base unet
     python benchmarks/emoji_screen.py --name "v-pred" --set decoder.0.diffusion.prediction=v
+    python benchmarks/emoji_screen.py --name "CLIP 64 px" --set clip.tower.image_size=64
 
 Every row is appended to benchmarks/results/emoji_screen.jsonl (committed: a session that
 stops mid-experiment loses only the row in flight) and the table of all rows is printed.
@@ -18,6 +21,7 @@ stops mid-experiment loses only the row in flight) and the table of all rows is 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -39,7 +43,9 @@ from dalle2.config import UnclipConfig, parse_config  # noqa: E402
 from dalle2.data import shards as D  # noqa: E402
 from dalle2.data.download import dataset_key  # noqa: E402
 from dalle2.device import pick_device  # noqa: E402
+from dalle2.recipes.clip import fit_clip  # noqa: E402
 from dalle2.recipes.decoder import fit_decoder_stage  # noqa: E402
+from dalle2.recipes.embeddings import compute_embeddings  # noqa: E402
 from dalle2.recipes.evaluate import eval_pairs  # noqa: E402
 from dalle2.training.fit import Run  # noqa: E402
 from dalle2.training.trainer import TrainResult  # noqa: E402
@@ -64,6 +70,29 @@ def find_embeddings(data_md5: str | None = None) -> Path:
             "run the emoji preset once first"
         )
     return found[-1]
+
+
+def clip_embeddings(cfg: UnclipConfig, shard_dir: Path, progress: bool) -> tuple[Path, float]:
+    """Embeddings (with caption tokens) of a CLIP trained as `cfg.clip` says, kept in
+    .cache/embeddings-screen/ by the CLIP config's hash (never where find_embeddings looks),
+    and the seconds CLIP trained (0 when reused)."""
+    key = hashlib.sha256(cfg.clip.model_dump_json().encode()).hexdigest()[:16]
+    out = ROOT / ".cache" / "embeddings-screen" / f"{shard_dir.name}-{key}"
+    if (out / "done").exists():
+        return out, 0.0
+    run = Run(pick_device(cfg.device), progress=progress)
+    clip, result = fit_clip(cfg.clip, cfg.data, shard_dir, run)
+    compute_embeddings(
+        clip,
+        shard_dir,
+        out,
+        with_tokens=True,
+        batch_size=cfg.clip.embed_batch_size,
+        device=run.device,
+        progress=progress,
+    )
+    (out / "done").write_text(f"{result.seconds:.1f}\n")
+    return out, result.seconds
 
 
 def train(
@@ -146,7 +175,11 @@ def main() -> None:
     cfg = parse_config(raw)
     shard_dir = ROOT / cfg.data.data_dir / dataset_key(cfg.data)
     judge, meta = J.judge_for(shard_dir, D.Holdout.of(cfg.data), progress=not args.no_progress)
-    emb_dir = Path(args.embeddings) if args.embeddings else find_embeddings()
+    clip_s = None
+    if any(a.startswith("clip.") for a in args.set):
+        emb_dir, clip_s = clip_embeddings(cfg, shard_dir, progress=not args.no_progress)
+    else:
+        emb_dir = Path(args.embeddings) if args.embeddings else find_embeddings()
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
     stage, result = train(cfg, shard_dir, emb_dir, progress=not args.no_progress)
     rows = []
@@ -162,6 +195,7 @@ def main() -> None:
                 "judge": meta["key"],
                 "embeddings": emb_dir.name,
                 "train_s": round(result.seconds, 1),
+                **({"clip_train_s": round(clip_s, 1)} if clip_s is not None else {}),
                 "figures": judge_stage(stage, cfg, shard_dir, emb_dir, judge, g),
             }
         )
