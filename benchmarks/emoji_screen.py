@@ -51,6 +51,7 @@ from dalle2.training.fit import Run  # noqa: E402
 from dalle2.training.trainer import TrainResult  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "emoji_screen.jsonl"
+CLIP_EMBEDDINGS = ROOT / ".cache" / "embeddings-screen"  # never where find_embeddings looks
 STEPS = 2500  # the protocol's base unet steps: about 6 passes over the 13,000 training images
 
 
@@ -74,10 +75,9 @@ def find_embeddings(data_md5: str | None = None) -> Path:
 
 def clip_embeddings(cfg: UnclipConfig, shard_dir: Path, progress: bool) -> tuple[Path, float]:
     """Embeddings (with caption tokens) of a CLIP trained as `cfg.clip` says, kept in
-    .cache/embeddings-screen/ by the CLIP config's hash (never where find_embeddings looks),
-    and the seconds CLIP trained (0 when reused)."""
+    CLIP_EMBEDDINGS by the CLIP config's hash, and the seconds CLIP trained (0 if reused)."""
     key = hashlib.sha256(cfg.clip.model_dump_json().encode()).hexdigest()[:16]
-    out = ROOT / ".cache" / "embeddings-screen" / f"{shard_dir.name}-{key}"
+    out = CLIP_EMBEDDINGS / f"{shard_dir.name}-{key}"
     if (out / "done").exists():
         return out, 0.0
     run = Run(pick_device(cfg.device), progress=progress)

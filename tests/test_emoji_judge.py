@@ -25,7 +25,6 @@ from dalle2.config import load_config
 from dalle2.data.shards import Holdout
 from dalle2.decoder import Decoder, DecoderStage
 from dalle2.prior import DiffusionPrior
-from dalle2.recipes.embeddings import compute_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,24 +195,24 @@ def test_stage_table_reads_each_stage_with_the_judge(trained: tuple) -> None:
     table = emoji_stages.table(rows)
     assert table.count("\n") == len(rows) + 1 and "| unseen_dark_tone | cascade" in table
 
+    prior, decoder = models[1], models[2]
+    emoji_stages.set_sampling(prior, decoder, ["decoder.0.best_of=3", "prior.sample.steps=7"])
+    assert decoder.stages[0].cfg.best_of == 3 and prior.cfg.sample.steps == 7
+    with pytest.raises(SystemExit, match="only sample, best_of change without training"):
+        emoji_stages.set_sampling(prior, decoder, ["decoder.0.train.steps=9"])
+
 
 def test_screen_trains_the_base_unet_and_judges_it_on_true_embeddings(
-    trained: tuple, tmp_path: Path
+    trained: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A CLIP lever's row: the screen trains that CLIP, embeds the shards with it (reused the
+    second time), then trains and judges the base unet on those embeddings."""
     judge, _, shard_dir = trained
     cfg = tiny_config()
-    torch.manual_seed(0)
-    clip = build_scratch_clip(cfg.clip.tower, J.read_splits(shard_dir, HOLDOUT)["train"].captions)
-    emb_dir = tmp_path / "emb"
-    compute_embeddings(
-        clip,
-        shard_dir,
-        emb_dir,
-        with_tokens=True,
-        batch_size=32,
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    monkeypatch.setattr(emoji_screen, "CLIP_EMBEDDINGS", tmp_path / "emb")
+    emb_dir, clip_s = emoji_screen.clip_embeddings(cfg, shard_dir, progress=False)
+    assert clip_s > 0 and emb_dir.parent == tmp_path / "emb"
+    assert emoji_screen.clip_embeddings(cfg, shard_dir, progress=False) == (emb_dir, 0.0)
     stage, result = emoji_screen.train(cfg, shard_dir, emb_dir, progress=False)
     assert result.final_step == cfg.decoder[0].train.steps and stage.reads_text
     figures = emoji_screen.judge_stage(stage, cfg, shard_dir, emb_dir, judge, guidance=1.0)
