@@ -49,13 +49,13 @@ from dalle2.recipes.evaluate import eval_pairs, generate  # noqa: E402
 
 @torch.no_grad()
 def true_embeddings(clip: Any, images_hwc: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """CLIP image embeddings (N, E) of uint8 (N, H, W, 3) images, as the embedding step
-    computes them."""
+    """CLIP image embeddings (N, E), on the CPU, of uint8 (N, H, W, 3) images, as the
+    embedding step computes them."""
     rows = [
         clip.encode_image(images_hwc[i : i + batch]).float()
         for i in range(0, len(images_hwc), batch)
     ]
-    return torch.cat(rows)
+    return torch.cat(rows).cpu()
 
 
 @torch.no_grad()
@@ -68,17 +68,23 @@ def draw_from_embeddings(
     seed: int = 0,
     batch: int = 32,
 ) -> list[torch.Tensor]:
-    """uint8 (N, 3, s, s) images after each of `stages`, drawn from given image embeddings
-    (and caption tokens, for stages that read them): the decoder without the prior."""
-    gen = torch.Generator().manual_seed(seed)
+    """uint8 (N, 3, s, s) images on the CPU after each of `stages`, drawn from given image
+    embeddings (and caption tokens, for stages that read them) on the stages' device: the
+    decoder without the prior."""
+    device = next(stages[0].parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
     outs: list[list[torch.Tensor]] = [[] for _ in stages]
     for i in range(0, len(embed), batch):
         text = {}
         if tokens is not None:
-            text = {"text_tokens": tokens[i : i + batch].float(), "text_mask": mask[i : i + batch]}
+            text = {
+                "text_tokens": tokens[i : i + batch].float().to(device),
+                "text_mask": mask[i : i + batch].to(device),
+            }
         images = None
         for k, stage in enumerate(stages):
-            images = stage.sample(embed[i : i + batch].float(), images, generator=gen, **text)
+            rows = embed[i : i + batch].float().to(device)
+            images = stage.sample(rows, images, generator=gen, **text)
             outs[k].append(to_uint8((images + 1) / 2))
     return [torch.cat(o) for o in outs]
 
@@ -99,7 +105,10 @@ def clip_retrieval(
     """Top-1/top-5 of each real image's own caption among `every` caption, under CLIP."""
     with torch.no_grad():
         text = torch.cat(
-            [clip.encode_text(every[i : i + 256]).embed.float() for i in range(0, len(every), 256)]
+            [
+                clip.encode_text(every[i : i + 256]).embed.float().cpu()
+                for i in range(0, len(every), 256)
+            ]
         )
     index = {c: i for i, c in enumerate(every)}
     ranks = caption_ranks(embed, text, torch.tensor([index[c] for c in captions]))
@@ -115,8 +124,9 @@ def stage_rows(
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """One dict per (prompt set, path): the judge's figures and where they apply, the
-    prior's cosine and CLIP's retrieval."""
+    prior's cosine and CLIP's retrieval. The models draw where they are (CPU or GPU)."""
     clip, prior, decoder = (m.eval() for m in models)
+    device = next(decoder.parameters()).device
     every = D.read_captions(shard_dir)
     out = []
     for split, set_name in D.Holdout.of(cfg.data).sets:
@@ -134,7 +144,7 @@ def stage_rows(
             prior,
             decoder,
             prompts,
-            device=torch.device("cpu"),
+            device=device,
             batch_size=cfg.eval.batch_size,
             seed=cfg.eval.seed,
         )
