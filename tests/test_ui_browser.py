@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -45,6 +46,10 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(
         find_chromium() is None, reason="chromium is not installed (apt-get install chromium)"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("flask_wtf") is None,
+        reason="the UIs' servers need the team extra: DALLE2_EXTRAS=dev,team bash scripts/setup.sh",
     ),
 ]
 
