@@ -26,7 +26,8 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,28 +116,39 @@ def clip_retrieval(
     return retrieval_summary(ranks)
 
 
-def stage_rows(
+@dataclass
+class SetDraws:
+    """One prompt set's draws: the real images and their true CLIP image embeddings, the
+    images after each decoder stage drawn from those, and text to image with the prior's
+    cosine to the true embedding."""
+
+    name: str
+    prompts: list[str]
+    real: torch.Tensor  # uint8 (N, H, W, 3)
+    embed: torch.Tensor
+    drawn: list[torch.Tensor]  # uint8 (N, 3, s, s) per stage
+    text: torch.Tensor  # uint8 (N, 3, S, S)
+    prior_cos: float
+
+
+def draw_sets(
     cfg: UnclipConfig,
     models: tuple[Any, Any, Any],
-    judge: J.EmojiJudge,
     shard_dir: Path,
-    *,
     progress: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
-    """One dict per (prompt set, path): the judge's figures and where they apply, the
-    prior's cosine and CLIP's retrieval. The models draw where they are (CPU or GPU)."""
+) -> Iterator[SetDraws]:
+    """Each prompt set of the hold-out (`evaluate`'s prompts and seed), drawn from the true
+    embeddings and from the text, wherever the models are (CPU or GPU): what the emoji
+    stage table and the GPU sweep's shapes64 reader both read."""
     clip, prior, decoder = (m.eval() for m in models)
     device = next(decoder.parameters()).device
-    every = D.read_captions(shard_dir)
-    out = []
     for split, set_name in D.Holdout.of(cfg.data).sets:
         pairs = eval_pairs(cfg, shard_dir, None, split)
         if not pairs:
             continue
         prompts = list(pairs["caption"])
-        real = pairs["image"]  # uint8 (N, H, W, 3)
         progress(f"{set_name}: {len(prompts)} prompts")
-        embed = true_embeddings(clip, real)
+        embed = true_embeddings(clip, pairs["image"])
         tokens, mask = caption_tokens(clip, prompts) if decoder.reads_text else (None, None)
         drawn = draw_from_embeddings(list(decoder.stages), embed, tokens, mask, seed=cfg.eval.seed)
         images, predicted = generate(
@@ -149,26 +161,42 @@ def stage_rows(
             seed=cfg.eval.seed,
         )
         cos = float(F.cosine_similarity(predicted.float(), embed.float(), dim=-1).mean())
-        clip_r = clip_retrieval(clip, embed, prompts, every)
+        yield SetDraws(set_name, prompts, pairs["image"], embed, drawn, to_uint8(images), cos)
+
+
+def stage_rows(
+    cfg: UnclipConfig,
+    models: tuple[Any, Any, Any],
+    judge: J.EmojiJudge,
+    shard_dir: Path,
+    *,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One dict per (prompt set, path): the judge's figures and where they apply, the
+    prior's cosine and CLIP's retrieval."""
+    every = D.read_captions(shard_dir)
+    out = []
+    for d in draw_sets(cfg, models, shard_dir, progress):
+        clip_r = clip_retrieval(models[0], d.embed, d.prompts, every)
         paths = [
-            ("real images (judge's ceiling)", real, {}),
-            (f"base stage, true embedding ({drawn[0].shape[-1]} px)", drawn[0], {}),
+            ("real images (judge's ceiling)", d.real, {}),
+            (f"base stage, true embedding ({d.drawn[0].shape[-1]} px)", d.drawn[0], {}),
         ]
-        if len(drawn) > 1:
-            paths.append((f"cascade, true embedding ({drawn[-1].shape[-1]} px)", drawn[-1], {}))
-        paths.append(("prior + cascade (text)", to_uint8(images), {"prior_cos": cos}))
+        if len(d.drawn) > 1:
+            paths.append((f"cascade, true embedding ({d.drawn[-1].shape[-1]} px)", d.drawn[-1], {}))
+        paths.append(("prior + cascade (text)", d.text, {"prior_cos": d.prior_cos}))
         out.append(
             {
-                "set": set_name,
+                "set": d.name,
                 "path": "CLIP retrieval (caption among all)",
-                "prompts": len(prompts),
+                "prompts": len(d.prompts),
                 "top5": clip_r["top5"],
                 "top1": clip_r["top1"],
             }
         )
         for name, imgs, extra in paths:
             out.append(
-                {"set": set_name, "path": name, **J.summary(judge.score(imgs, prompts)), **extra}
+                {"set": d.name, "path": name, **J.summary(judge.score(imgs, d.prompts)), **extra}
             )
     return out
 

@@ -257,38 +257,19 @@ def fidelity_rows(cfg: UnclipConfig, models: tuple[Any, Any, Any], shard_dir: Pa
     """Per prompt set, shapes64's pixel reader on the text path and on the cascade drawing
     from the true image embeddings (no prior), with empty canvases and the prior's cosine:
     which stage loses a withheld pair."""
-    clip, prior, decoder = models
     rows = []
-    for split, set_name in D.Holdout.of(cfg.data).sets:
-        pairs = eval_pairs(cfg, shard_dir, None, split)
-        if not pairs:
-            continue
-        prompts = list(pairs["caption"])
-        embed = S.true_embeddings(clip, pairs["image"])
-        tokens, mask = S.caption_tokens(clip, prompts) if decoder.reads_text else (None, None)
-        stages = list(decoder.stages)
-        true_path = S.draw_from_embeddings(stages, embed, tokens, mask, seed=cfg.eval.seed)[-1]
-        images, predicted = generate(
-            clip,
-            prior,
-            decoder,
-            prompts,
-            device=clip.device,
-            batch_size=cfg.eval.batch_size,
-            seed=cfg.eval.seed,
-        )
-        cos = float(F.cosine_similarity(predicted, embed, dim=-1).mean())
+    for d in S.draw_sets(cfg, models, shard_dir, progress=lambda _: None):
         paths = (
-            ("prior + cascade (text)", to_uint8(images), cos),
-            ("cascade, true embedding", true_path, None),
+            ("prior + cascade (text)", d.text, d.prior_cos),
+            ("cascade, true embedding", d.drawn[-1], None),
         )
         for path, u8, prior_cos in paths:
-            read = shapes64.prompt_fidelity(list(u8.permute(0, 2, 3, 1).numpy()), prompts)
+            read = shapes64.prompt_fidelity(list(u8.permute(0, 2, 3, 1).numpy()), d.prompts)
             rows.append(
                 {
-                    "set": set_name,
+                    "set": d.name,
                     "path": path,
-                    "prompts": len(prompts),
+                    "prompts": len(d.prompts),
                     **read,
                     "empty_canvas": float(empty_canvas(u8).sum()),
                     "prior_cos": prior_cos,
