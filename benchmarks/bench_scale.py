@@ -394,12 +394,14 @@ def _speed_c(spec: dict[str, Any], shard_dir: Path, emb_dir: Path) -> dict[str, 
     """samples/s through train_stage on 1 process (all threads, 1 thread) and 2 processes."""
     import torch
 
+    from dalle2.recipes.decoder import RECIPE
     from dalle2.recipes.launch import train_stage
+    from dalle2.recipes.stage import StageInputs
 
     cores = torch.get_num_threads()
     half = max(1, cores // 2)  # 2 processes x half the threads use what 1 process does
     runs = list(dict.fromkeys([(1, cores), (1, 1), (2, half)]))
-    inputs = {"index": 0, "shard_dir": str(shard_dir), "emb_dir": str(emb_dir)}
+    inputs = StageInputs(Path(shard_dir), Path(emb_dir), 0)
     out: dict[str, Any] = {"runs": {}, "cores": cores}
     for r in range(spec["rounds"]):
         for procs, threads in runs if r % 2 == 0 else runs[::-1]:
@@ -411,7 +413,7 @@ def _speed_c(spec: dict[str, Any], shard_dir: Path, emb_dir: Path) -> dict[str, 
                 os.environ["OMP_NUM_THREADS"] = str(threads)
             try:
                 _, result = train_stage(
-                    "decoder",
+                    RECIPE,
                     cfg.decoder[0],
                     cfg.data,
                     inputs,

@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dalle2.cli import _model_dir
 from dalle2.config import parse_config
 from dalle2.data import shapes64
+from dalle2.edges.cli import _model_dir
 from dalle2.evaluation import empty_canvas, to_uint8
-from dalle2.models import load_pipeline
-from dalle2.recipes.evaluate import eval_pairs, generate
+from dalle2.recipes.evaluate import eval_pairs
+from dalle2.unclip import UnCLIP
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("color", "shape", "size", "background", "all")
@@ -106,9 +106,8 @@ def main() -> None:
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
     shard_dir = Path(args.data) if args.data else next((ROOT / "data").glob("*/"))
     with tempfile.TemporaryDirectory() as tmp:
-        clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
-    clip.eval(), prior.eval(), decoder.eval()
-    cpu = torch.device("cpu")
+        unclip = UnCLIP.load(_model_dir(args, Path(tmp)))
+    clip, prior, decoder = unclip.clip, unclip.prior, unclip.decoder
     sets = {s: eval_pairs(cfg, shard_dir, None, s) for s in args.splits}
     print(f"model: {args.model or args.checkpoint or args.run or 'latest run'}; data {shard_dir}")
     print(f"{args.prompts} prompts per split; fidelity in %; unseen = {args.splits[0]}")
@@ -119,15 +118,7 @@ def main() -> None:
     def full(name: str, cfgs: list | None) -> None:
         t0, res = time.perf_counter(), {}
         for split, pairs in sets.items():
-            images, _ = generate(
-                clip,
-                prior,
-                decoder,
-                pairs["caption"],
-                device=cpu,
-                decoder_cfgs=cfgs,
-                seed=cfg.eval.seed,
-            )
+            images = unclip.generate(pairs["caption"], decoder_cfgs=cfgs, seed=cfg.eval.seed).images
             res[split] = fidelity(images, pairs["caption"])
         print(row(name, time.perf_counter() - t0, res), flush=True)
 
@@ -158,7 +149,7 @@ def main() -> None:
         low = F.interpolate(torch.cat(lows), size=size, mode="nearest")
         base_res[split] = fidelity((low + 1) / 2, pairs["caption"])
         res[split] = fidelity((torch.cat(finals) + 1) / 2, pairs["caption"])
-        _, embeds = generate(clip, prior, decoder, pairs["caption"][:64], device=cpu)
+        embeds = unclip.generate(pairs["caption"][:64]).embeds
         cos[split] = F.cosine_similarity(embeds, true[:64]).mean().item()
     seconds = time.perf_counter() - t0
     print(row("decoder on the true image embeddings", seconds, res))

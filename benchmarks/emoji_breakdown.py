@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from dalle2.data import shards as D
 from dalle2.evaluation import captioned_grid, to_uint8
-from dalle2.recipes.evaluate import eval_pairs, generate
+from dalle2.recipes.evaluate import eval_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,7 +111,8 @@ def main() -> None:
     model_args(parser)
     parser.add_argument("--grid", help="write the first held-out set's captioned grid here")
     args = parser.parse_args()
-    cfg, shard_dir, (clip, prior, decoder) = load_run(args)
+    cfg, shard_dir, unclip = load_run(args)
+    clip = unclip.clip
     judge = Judge(clip, sorted(set(D.read_captions(shard_dir))))
     print(f"data {shard_dir}: {len(judge.captions)} captions, {len(judge.names)} emoji names")
     print(
@@ -123,16 +124,8 @@ def main() -> None:
         if not pairs:
             continue
         prompts = list(pairs["caption"])
-        images, _ = generate(
-            clip,
-            prior,
-            decoder,
-            prompts,
-            device=torch.device("cpu"),
-            batch_size=cfg.eval.batch_size,
-            seed=cfg.eval.seed,
-        )
-        gen_u8 = to_uint8(images)
+        drawn = unclip.generate(prompts, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        gen_u8 = to_uint8(drawn.images)
         real = pairs["image"].permute(0, 3, 1, 2)
         if real.shape[-1] != gen_u8.shape[-1]:
             real = to_uint8(

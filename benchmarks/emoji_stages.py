@@ -45,7 +45,8 @@ from dalle2.config import UnclipConfig, load_config  # noqa: E402
 from dalle2.data import shards as D  # noqa: E402
 from dalle2.data.download import dataset_key  # noqa: E402
 from dalle2.evaluation import caption_ranks, retrieval_summary, to_uint8  # noqa: E402
-from dalle2.recipes.evaluate import eval_pairs, generate  # noqa: E402
+from dalle2.recipes.evaluate import eval_pairs  # noqa: E402
+from dalle2.unclip import UnCLIP  # noqa: E402
 
 
 @torch.no_grad()
@@ -133,15 +134,14 @@ class SetDraws:
 
 def draw_sets(
     cfg: UnclipConfig,
-    models: tuple[Any, Any, Any],
+    unclip: UnCLIP,
     shard_dir: Path,
     progress: Callable[[str], None] = print,
 ) -> Iterator[SetDraws]:
     """Each prompt set of the hold-out (`evaluate`'s prompts and seed), drawn from the true
     embeddings and from the text, wherever the models are (CPU or GPU): what the emoji
     stage table and the GPU sweep's shapes64 reader both read."""
-    clip, prior, decoder = (m.eval() for m in models)
-    device = next(decoder.parameters()).device
+    clip, decoder = unclip.eval().clip, unclip.decoder
     for split, set_name in D.Holdout.of(cfg.data).sets:
         pairs = eval_pairs(cfg, shard_dir, None, split)
         if not pairs:
@@ -151,22 +151,14 @@ def draw_sets(
         embed = true_embeddings(clip, pairs["image"])
         tokens, mask = caption_tokens(clip, prompts) if decoder.reads_text else (None, None)
         drawn = draw_from_embeddings(list(decoder.stages), embed, tokens, mask, seed=cfg.eval.seed)
-        images, predicted = generate(
-            clip,
-            prior,
-            decoder,
-            prompts,
-            device=device,
-            batch_size=cfg.eval.batch_size,
-            seed=cfg.eval.seed,
-        )
-        cos = float(F.cosine_similarity(predicted.float(), embed.float(), dim=-1).mean())
-        yield SetDraws(set_name, prompts, pairs["image"], embed, drawn, to_uint8(images), cos)
+        text = unclip.generate(prompts, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        cos = float(F.cosine_similarity(text.embeds, embed.float(), dim=-1).mean())
+        yield SetDraws(set_name, prompts, pairs["image"], embed, drawn, to_uint8(text.images), cos)
 
 
 def stage_rows(
     cfg: UnclipConfig,
-    models: tuple[Any, Any, Any],
+    unclip: UnCLIP,
     judge: J.EmojiJudge,
     shard_dir: Path,
     *,
@@ -176,8 +168,8 @@ def stage_rows(
     prior's cosine and CLIP's retrieval."""
     every = D.read_captions(shard_dir)
     out = []
-    for d in draw_sets(cfg, models, shard_dir, progress):
-        clip_r = clip_retrieval(models[0], d.embed, d.prompts, every)
+    for d in draw_sets(cfg, unclip, shard_dir, progress):
+        clip_r = clip_retrieval(unclip.clip, d.embed, d.prompts, every)
         paths = [
             ("real images (judge's ceiling)", d.real, {}),
             (f"base stage, true embedding ({d.drawn[0].shape[-1]} px)", d.drawn[0], {}),
@@ -225,7 +217,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def model_args(parser: argparse.ArgumentParser) -> None:
     """--config, the model's source (as `dalle2 generate` takes it), --prompts and --set."""
-    from dalle2.cli import _add_model_source
+    from dalle2.edges.cli import _add_model_source
 
     parser.add_argument("--config", default=str(ROOT / "configs" / "emoji64.yaml"))
     _add_model_source(parser)
@@ -241,14 +233,14 @@ def model_args(parser: argparse.ArgumentParser) -> None:
 SAMPLING_KEYS = ("sample", "best_of")  # what a trained model may change without training
 
 
-def set_sampling(prior: Any, decoder: Any, assignments: list[str]) -> None:
+def set_sampling(unclip: UnCLIP, assignments: list[str]) -> None:
     """Apply `prior.KEY=V` / `decoder.I.KEY=V` to the loaded models' sampling settings."""
     for assignment in assignments:
         path = assignment.partition("=")[0].split(".")
         if path[0] == "prior":
-            model, rest = prior, path[1:]
+            model, rest = unclip.prior, path[1:]
         elif path[0] == "decoder" and len(path) > 2 and path[1].isdigit():
-            model, rest = decoder.stages[int(path[1])], path[2:]
+            model, rest = unclip.decoder.stages[int(path[1])], path[2:]
         else:
             raise SystemExit(f"--set {assignment}: say prior.KEY=V or decoder.I.KEY=V")
         if rest[0] not in SAMPLING_KEYS:
@@ -260,18 +252,17 @@ def set_sampling(prior: Any, decoder: Any, assignments: list[str]) -> None:
         model.cfg = type(model.cfg).model_validate(raw)
 
 
-def load_run(args: argparse.Namespace) -> tuple[UnclipConfig, Path, tuple[Any, Any, Any]]:
+def load_run(args: argparse.Namespace) -> tuple[UnclipConfig, Path, UnCLIP]:
     """The run config (eval.num_prompts from --prompts), its data folder and its models."""
-    from dalle2.cli import _model_dir
-    from dalle2.models import load_pipeline
+    from dalle2.edges.cli import _model_dir
 
     cfg = load_config(Path(args.config))
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": args.prompts})})
     shard_dir = ROOT / cfg.data.data_dir / dataset_key(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
-        clip, prior, decoder = load_pipeline(_model_dir(args, Path(tmp)))
-    set_sampling(prior, decoder, args.set)
-    return cfg, shard_dir, (clip.eval(), prior.eval(), decoder.eval())
+        unclip = UnCLIP.load(_model_dir(args, Path(tmp)))
+    set_sampling(unclip, args.set)
+    return cfg, shard_dir, unclip
 
 
 def main() -> None:
@@ -279,9 +270,9 @@ def main() -> None:
     model_args(parser)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    cfg, shard_dir, models = load_run(args)
+    cfg, shard_dir, unclip = load_run(args)
     judge, meta = J.judge_for(shard_dir, D.Holdout.of(cfg.data))
-    rows = [{**r, "sampling": args.set} for r in stage_rows(cfg, models, judge, shard_dir)]
+    rows = [{**r, "sampling": args.set} for r in stage_rows(cfg, unclip, judge, shard_dir)]
     print(f"judge {meta['key']} ({len(judge.emoji)} emoji); data {shard_dir}")
     print(table(rows))
     if args.json:

@@ -75,9 +75,10 @@ from dalle2.data import shapes64  # noqa: E402
 from dalle2.data import shards as D  # noqa: E402
 from dalle2.data.download import dataset_key  # noqa: E402
 from dalle2.evaluation import captioned_grid, empty_canvas, to_uint8  # noqa: E402
-from dalle2.recipes.evaluate import eval_pairs, generate  # noqa: E402
+from dalle2.recipes.evaluate import eval_pairs  # noqa: E402
 from dalle2.training.fit import Run  # noqa: E402
 from dalle2.training.trainer import TrainResult, compile_on  # noqa: E402
+from dalle2.unclip import UnCLIP  # noqa: E402
 
 OUT = ROOT / ".cache" / "bench" / "gpu_sweep"
 # the smoke's two configurations: the test configs' models, a few steps each; the emoji one
@@ -200,7 +201,7 @@ def train_run(
     row: dict,
     save: Callable[[], None],
     progress: bool,
-) -> tuple[Any, Any, Any]:
+) -> UnCLIP:
     """CLIP, embeddings, prior and every decoder stage, as the pipeline's steps train them;
     each stage's figures go into row["stages"] as it ends."""
     from dalle2.decoder import Decoder
@@ -247,18 +248,18 @@ def train_run(
         )
         for i, s in enumerate(cfg.decoder)
     ]
-    return clip, prior, Decoder(unets).eval()
+    return UnCLIP(clip, prior, Decoder(unets)).eval()
 
 
 # ----------------------------------------------------------------------------- judging
 
 
-def fidelity_rows(cfg: UnclipConfig, models: tuple[Any, Any, Any], shard_dir: Path) -> list[dict]:
+def fidelity_rows(cfg: UnclipConfig, unclip: UnCLIP, shard_dir: Path) -> list[dict]:
     """Per prompt set, shapes64's pixel reader on the text path and on the cascade drawing
     from the true image embeddings (no prior), with empty canvases and the prior's cosine:
     which stage loses a withheld pair."""
     rows = []
-    for d in S.draw_sets(cfg, models, shard_dir, progress=lambda _: None):
+    for d in S.draw_sets(cfg, unclip, shard_dir, progress=lambda _: None):
         paths = (
             ("prior + cascade (text)", d.text, d.prior_cos),
             ("cascade, true embedding", d.drawn[-1], None),
@@ -293,13 +294,10 @@ def fidelity_table(rows: list[dict]) -> str:
     return markdown(head, cells)
 
 
-def write_grid(
-    cfg: UnclipConfig, models: tuple[Any, Any, Any], shard_dir: Path, path: Path
-) -> None:
+def write_grid(cfg: UnclipConfig, unclip: UnCLIP, shard_dir: Path, path: Path) -> None:
     """Generated beside real images: eval.grid_size prompts shared out over the held-out
     sets (held-out captions, then each hold-out rule's set, withheld pairs included), or
     seen prompts where nothing is held out."""
-    clip, prior, decoder = models
     *held, (seen, _) = D.Holdout.of(cfg.data).sets
     each = max(1, cfg.eval.grid_size // len(held))
     few = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_prompts": each})})
@@ -307,7 +305,7 @@ def write_grid(
     sets = sets or [eval_pairs(few, shard_dir, None, seen)]  # nothing held out: seen prompts
     captions = [c for pairs in sets for c in pairs["caption"]]
     real = torch.cat([pairs["image"] for pairs in sets]).permute(0, 3, 1, 2) / 255
-    images, _ = generate(clip, prior, decoder, captions, device=clip.device, seed=cfg.eval.seed)
+    images = unclip.generate(captions, seed=cfg.eval.seed).images
     real = to_uint8(F.interpolate(real, size=images.shape[-1], mode="bilinear", antialias=True))
     hwc = [to_uint8(images).permute(0, 2, 3, 1).numpy(), real.permute(0, 2, 3, 1).numpy()]
     captioned_grid(*hwc, captions).save(path)
@@ -355,15 +353,15 @@ def train_and_judge(
     """One run trained, judged (the emoji judge where given, else shapes64's pixel reader)
     and its grid written; returns its table. Its models go with it, freeing the memory."""
     with tempfile.TemporaryDirectory(prefix="gpu-sweep-emb-") as emb:
-        models = train_run(spec, shard_dir, Path(emb), device, budget, row, save, progress)
+        unclip = train_run(spec, shard_dir, Path(emb), device, budget, row, save, progress)
     t0 = time.perf_counter()
     if judge is not None:
-        row["judge"] = S.stage_rows(spec.cfg, models, judge, shard_dir)
+        row["judge"] = S.stage_rows(spec.cfg, unclip, judge, shard_dir)
         table = S.table(row["judge"])
     else:
-        row["fidelity"] = fidelity_rows(spec.cfg, models, shard_dir)
+        row["fidelity"] = fidelity_rows(spec.cfg, unclip, shard_dir)
         table = fidelity_table(row["fidelity"])
-    write_grid(spec.cfg, models, shard_dir, out / f"{spec.name}.png")
+    write_grid(spec.cfg, unclip, shard_dir, out / f"{spec.name}.png")
     row |= {"grid": f"{spec.name}.png", "judge_minutes": (time.perf_counter() - t0) / 60}
     return table
 

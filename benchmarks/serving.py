@@ -106,8 +106,8 @@ def http_server(model: Path) -> Iterator[Callable[[pd.DataFrame], None]]:
 def main() -> None:
     import mlflow
 
-    from dalle2.cli import _default_tracking_uri
-    from dalle2.serving import MODELS, UnclipModel, model_spec
+    from dalle2.edges.runs import default_tracking_uri
+    from dalle2.edges.serving import MODELS, UnclipModel, model_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models:/unclip@champion")
@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--http", action="store_true", help="through `mlflow models serve`")
     args = p.parse_args()
-    mlflow.set_tracking_uri(args.tracking_uri or _default_tracking_uri())
+    mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri())
     # this checkout's serving code over the model's files, in-process and over HTTP (a logged
     # model carries the code it was logged with, which may predate what is measured here)
     local = Path(mlflow.artifacts.download_artifacts(args.model))
@@ -163,15 +163,7 @@ def measure(args: argparse.Namespace, model, frame: pd.DataFrame, send) -> None:
             list(pool.map(lambda share: request(clients, share), shares))
 
     def draw() -> None:  # on the thread that loaded the weights, as `dalle2 generate` runs
-        model.sampler.submit(
-            model.generate,
-            model.clip,
-            model.prior,
-            model.decoder,
-            texts,
-            device=model.device,
-            batch_size=n,
-        ).result()
+        model.sampler.submit(model.unclip.generate, texts, batch_size=n).result()
 
     draw()  # warm-up of this process's copy (with --http, the server's is another)
     for _ in range(args.repeats):
@@ -180,7 +172,8 @@ def measure(args: argparse.Namespace, model, frame: pd.DataFrame, send) -> None:
         ways[clients].append(timed(at_once))
         ways[generate].append(timed(draw))
     how = "over HTTP (`mlflow models serve`)" if args.http else "in-process"
-    print(f"model {args.model} on {model.device}, {how}, {n} prompts, best of {args.repeats}")
+    where = model.unclip.device
+    print(f"model {args.model} on {where}, {how}, {n} prompts, best of {args.repeats}")
     print("| how | seconds | images/s | request p50 s | request p95 s |")
     print("|---|---|---|---|---|")
     for name, times in ways.items():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from dalle2.tracking.stack import read_env_file
+from dalle2.edges.tracking.stack import read_env_file
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

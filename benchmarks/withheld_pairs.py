@@ -96,10 +96,10 @@ def run_pipeline(run: dict[str, Any], work: Path) -> dict[str, float]:
     while it trains, and what it writes (data.dvc, shards), stay out of the checkout."""
     import mlflow
 
-    from dalle2.cli import _default_tracking_uri
-    from dalle2.tracking import reproduce
+    from dalle2.edges.runs import default_tracking_uri
+    from dalle2.edges.tracking import reproduce
 
-    client = mlflow.MlflowClient(tracking_uri=_default_tracking_uri())
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri())
     if client.get_experiment_by_name(EXPERIMENT) is None:  # artifacts in the project's store
         client.create_experiment(EXPERIMENT, (ROOT / "mlruns" / EXPERIMENT).as_uri())
     kept = work / f"{run['run_name']}.yaml"  # composition.py --config reads it afterwards

@@ -18,13 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle2.config import DecoderStageConfig, SampleConfig
-from dalle2.diffusion import (
-    GaussianDiffusion,
-    Generators,
-    classifier_free_guidance,
-    randn,
-    sample,
-)
+from dalle2.diffusion import GaussianDiffusion, Generators, best_of, guided_sample, randn
 from dalle2.networks import UNet
 from dalle2.prior import scale_embed
 
@@ -161,20 +155,14 @@ class DecoderStage(nn.Module):
         def uncond(x: Tensor, t: Tensor) -> Tensor:
             return self.unet(x, t, embed, lowres, level, drop_cond=~keep, **text)
 
-        model = cond
-        if cfg.guidance_scale != 1.0:
-            model = classifier_free_guidance(
-                cond, uncond, cfg.guidance_scale, learned_variance=self.cfg.unet.learned_variance
-            )
-        noise = randn((b, 3, size, size), generator, device)
-        x = sample(
-            model,
+        x = guided_sample(
+            cond,
+            uncond,
             self.process,
-            noise,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            eta=cfg.eta,
-            clamp=cfg.clamp,
+            (b, 3, size, size),
+            cfg,
+            device=device,
+            learned_variance=self.cfg.unet.learned_variance,
             generator=generator,
             progress=progress,
         )
@@ -239,12 +227,10 @@ class Decoder(nn.Module):
                 progress=progress,
             )
             if n > 1:
-                found = F.normalize(encode_image((drawn + 1) / 2).float(), dim=-1)
-                target = F.normalize(text_embed.float(), dim=-1)
-                sim = (found.view(-1, n, found.shape[-1]) * target[:, None]).sum(-1)  # (B, n)
-                pick = torch.arange(len(sim)), sim.argmax(1)
-                drawn = drawn.view(-1, n, *drawn.shape[1:])[pick]
-                embed = drawn_from.view(-1, n, drawn_from.shape[-1])[pick]
+                found = encode_image((drawn + 1) / 2)
+                drawn, pick = best_of(drawn, found, text_embed)
+                rows = torch.arange(len(pick), device=pick.device)
+                embed = drawn_from.view(-1, n, drawn_from.shape[-1])[rows, pick]
             images = drawn
         return (images + 1) / 2, embed
 
@@ -253,12 +239,3 @@ def _repeat(x: Tensor | None, n: int) -> Tensor | None:
     """Each row n times in a row: a caption's candidates stay together (and with its noise
     generator, see `randn`)."""
     return x if x is None or n == 1 else x.repeat_interleave(n, dim=0)
-
-
-def image_variations(
-    clip: nn.Module, decoder: Decoder, images: Tensor, generator: torch.Generator | None = None
-) -> Tensor:
-    """New images (B, 3, H, W) in [0, 1] that share the CLIP image embedding of `images`."""
-    with torch.no_grad():
-        embed = clip.encode_image(images).float()
-    return decoder.sample(embed, generator=generator)[0]

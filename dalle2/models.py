@@ -1,7 +1,7 @@
 """Trained models as files: safetensors weights + a JSON config, never pickled modules.
 
 A `ModelArtifact` is what travels between pipeline steps (ZenML stores its files through
-a materializer), what MLflow keeps, and what `dalle2 generate` loads back.
+a materializer), what MLflow keeps, and what `UnCLIP.load` reads back.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from dalle2.config import DecoderStageConfig, PriorConfig
-from dalle2.decoder import Decoder, DecoderStage
+from dalle2.decoder import DecoderStage
 from dalle2.prior import DiffusionPrior
 
 if TYPE_CHECKING:  # open_clip (with timm and torchvision) takes seconds to import: a
@@ -265,20 +265,3 @@ def check_complete(held: Iterable[str], num_stages: int | None, where: str, hint
             f"{where} lacks the model folder(s) {', '.join(missing)} of its "
             f"{len(expected) - 2}-stage cascade{hint}"
         )
-
-
-def load_pipeline(
-    model_dir: Path, num_stages: int | None = None
-) -> tuple[OpenClip, DiffusionPrior, Decoder]:
-    """(clip, prior, decoder) from a folder with clip/, prior/, decoder_unet_{i}/: what a run
-    logs as its `models` artifact and the registered model serves. A folder that lacks one
-    is refused (check_complete; pass `num_stages` where the config is known), never loaded
-    as a shorter cascade."""
-    model_dir = Path(model_dir)
-    held = [d.name for d in model_dir.iterdir() if d.is_dir()] if model_dir.is_dir() else []
-    check_complete(held, num_stages, str(model_dir))
-    clip = unpack_clip(ModelArtifact.from_dir(model_dir / "clip"))
-    prior = unpack_prior(ModelArtifact.from_dir(model_dir / "prior"))
-    names = model_names(held, num_stages)[2:]
-    stages = [unpack_stage(ModelArtifact.from_dir(model_dir / n)) for n in names]
-    return clip, prior, Decoder([stage for _, stage in sorted(stages, key=lambda s: s[0])])

@@ -13,13 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle2.config import PriorConfig, SampleConfig
-from dalle2.diffusion import (
-    GaussianDiffusion,
-    Generators,
-    classifier_free_guidance,
-    randn,
-    sample,
-)
+from dalle2.diffusion import GaussianDiffusion, Generators, guided_sample
+from dalle2.diffusion import best_of as keep_best
 from dalle2.networks import PriorTransformer
 
 
@@ -88,22 +83,16 @@ class DiffusionPrior(nn.Module):
         tokens = None if text_tokens is None else text_tokens.repeat_interleave(n, dim=0)
         mask = None if text_mask is None else text_mask.repeat_interleave(n, dim=0)
         keep = torch.zeros(b * n, dtype=torch.bool, device=text.device)
-        model = self._model(text, tokens, mask, keep)
-        if cfg.guidance_scale != 1.0:
-            uncond = self._model(text, tokens, mask, ~keep)
-            model = classifier_free_guidance(model, uncond, cfg.guidance_scale)
-        noise = randn((b * n, e), generator, text.device)
-        x = sample(
-            model,
+        x = guided_sample(
+            self._model(text, tokens, mask, keep),
+            self._model(text, tokens, mask, ~keep),
             self.process,
-            noise,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            eta=cfg.eta,
+            (b * n, e),
+            cfg,
+            device=text.device,
             clamp="none",
             generator=generator,
             progress=progress,
         )
-        x = F.normalize(x.float(), dim=-1).view(b, n, e)
-        sim = (x * F.normalize(text_embed.float(), dim=-1)[:, None]).sum(-1)  # (B, n)
-        return x[torch.arange(b), sim.argmax(dim=1)]
+        x = F.normalize(x.float(), dim=-1)
+        return x if n == 1 else keep_best(x, x, text_embed)[0]

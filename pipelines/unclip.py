@@ -6,8 +6,9 @@ from typing import Any
 from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
-from dalle2.config import ConfigError, check_resources, parse_config
-from dalle2.tracking.stack import check_tracking_server
+from dalle2.config import ConfigError, parse_config
+from dalle2.edges.tracking.stack import check_tracking_server
+from dalle2.preflight import check_resources
 from steps import (
     compute_clip_embeddings,
     download_images,
@@ -21,7 +22,7 @@ from steps import (
 
 # Each step's cache key: its own config section (parameters), its inputs' contents (data md5,
 # model hashes) and the source of the dalle2 package, which ZenML does not see by itself.
-CACHE = CachePolicy(cache_func="steps._shared.code_version")
+CACHE = CachePolicy(cache_func="steps._cache.code_version")
 
 
 # Every run is a version of this ZenML model, which links the run's artifacts (data refs,

@@ -11,7 +11,7 @@ from dalle2.data.versioning import find_project_root
 from dalle2.device import pick_device
 from dalle2.models import ModelArtifact, unpack_clip
 from dalle2.recipes.embeddings import compute_embeddings
-from steps._shared import log_metrics, logger
+from steps._tracking import log_metrics, logger
 
 
 @step

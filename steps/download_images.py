@@ -7,22 +7,23 @@ from typing import Annotated, Any
 
 import mlflow
 import yaml
-from zenml import ArtifactConfig, log_metadata, step
+from zenml import ArtifactConfig, step
 
 from dalle2.data.download import prepare_dataset
 from dalle2.data.shards import DatasetRef
 from dalle2.data.versioning import find_project_root, pointer_md5, repo_lock
-from dalle2.tracking import environment, ghosts
-from steps._shared import (
-    git_commit,
-    load,
+from dalle2.edges.tracking import environment, ghosts
+from steps._git import git_commit
+from steps._tracking import (
     log_metrics,
     log_params,
     logger,
     mark_training_experiment,
     set_tags,
+    step_metadata,
     tracking,
 )
+from steps._train import load
 
 
 @step(enable_cache=False)
@@ -86,8 +87,8 @@ def download_images(
             "time/download_images_s": time.perf_counter() - t0,
         }
     )
-    log_metadata(
-        metadata={
+    step_metadata(
+        {
             "data_md5": ds.md5,
             "data_snapshot_md5": snapshot,
             "num_samples": stats.successes,

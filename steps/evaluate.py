@@ -7,15 +7,16 @@ from typing import Annotated, Any
 
 import mlflow
 import pandas as pd
-from zenml import ArtifactConfig, log_metadata, step
+from zenml import ArtifactConfig, step
 
 from dalle2.data.shards import DatasetRef, EmbeddingsRef, Holdout
-from dalle2.decoder import Decoder
 from dalle2.evaluation import captioned_grid
-from dalle2.models import ModelArtifact, unpack_clip, unpack_prior, unpack_stage
+from dalle2.models import ModelArtifact
 from dalle2.recipes.evaluate import Evaluation, eval_pairs, eval_reference
 from dalle2.recipes.evaluate import evaluate as evaluate_models
-from steps._shared import load, log_metrics, logger, tracking
+from dalle2.unclip import UnCLIP
+from steps._tracking import log_metrics, logger, step_metadata, tracking
+from steps._train import load
 
 
 @step
@@ -34,13 +35,9 @@ def evaluate(
     settings of every model are read here."""
     cfg, device = load(config)
     t0 = time.perf_counter()
-    models = (
-        unpack_clip(clip),
-        unpack_prior(prior),
-        Decoder([s for _, s in sorted(unpack_stage(a) for a in decoder_unets)]),
-    )
+    unclip = UnCLIP.from_artifacts(clip, prior, decoder_unets).to(device)
     # the dataset's captions (retrieval candidates) and training embeddings, read once
-    reference = eval_reference(cfg, models[0], Path(embeddings.path), device, cfg.progress)
+    reference = eval_reference(cfg, unclip.clip, Path(embeddings.path), device, cfg.progress)
     metrics: dict[str, float] = {}
     grid: Evaluation | None = None
     for split, name in Holdout.of(cfg.data).sets:
@@ -49,7 +46,7 @@ def evaluate(
             logger.warning("no %s to evaluate on (data.holdout_fraction)", name.replace("_", " "))
             continue
         found = evaluate_models(
-            cfg, *models, pairs, device, cfg.progress, reference=reference, split=split
+            cfg, unclip, pairs, device, cfg.progress, reference=reference, split=split
         )
         metrics.update({f"{name}/{k}": v for k, v in found.metrics.items()})
         if grid is None:  # the grid shows the held-out prompts when there are any
@@ -58,7 +55,7 @@ def evaluate(
         raise ValueError("no pairs to evaluate on: the dataset is empty")
     metrics["time/evaluate_s"] = time.perf_counter() - t0
     log_metrics(metrics)
-    log_metadata(metadata={k: float(v) for k, v in metrics.items()})
+    step_metadata({k: float(v) for k, v in metrics.items()})
     if tracking():
         with tempfile.TemporaryDirectory() as tmp:
             k = cfg.eval.grid_size

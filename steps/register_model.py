@@ -10,21 +10,23 @@ from typing import Annotated, Any
 import mlflow
 import pandas as pd
 from PIL import Image
-from zenml import ArtifactConfig, log_metadata, step
+from zenml import ArtifactConfig, step
 
 from dalle2.data.shards import DatasetRef
+from dalle2.edges.registry import evaluation_set, register
+from dalle2.edges.serving import EXAMPLE_PROMPT, log_unclip_model
+from dalle2.edges.tracking.model_card import model_card
 from dalle2.models import ModelArtifact, model_names
-from dalle2.serving import EXAMPLE_PROMPT, evaluation_set, log_unclip_model, register
-from dalle2.tracking.model_card import model_card
-from steps._shared import (
-    load,
+from steps._tracking import (
     log_metrics,
     log_missing_models,
     logger,
     run_models,
     set_tags,
+    step_metadata,
     tracking,
 )
+from steps._train import load
 
 
 def models_id(clip: ModelArtifact, prior: ModelArtifact, unets: list[ModelArtifact]) -> str:
@@ -116,6 +118,6 @@ def register_model(
         "mlflow_run_id": run_id,
     }
     metadata = {k: v for k, v in metadata.items() if v is not None}
-    log_metadata(metadata=metadata)
-    log_metadata(metadata=metadata, infer_model=True)  # on the ZenML model version too
+    step_metadata(metadata)
+    step_metadata(metadata, infer_model=True)  # on the ZenML model version too
     return uri

@@ -1,5 +1,6 @@
 """Step 5: one decoder unet; reused as train_decoder_unet_{i} for every stage."""
 
+from pathlib import Path
 from typing import Annotated
 
 from zenml import ArtifactConfig, step
@@ -7,7 +8,9 @@ from zenml import ArtifactConfig, step
 from dalle2.config import DataConfig, DecoderStageConfig
 from dalle2.data.shards import DatasetRef, EmbeddingsRef
 from dalle2.models import ModelArtifact
-from steps._shared import TRAIN_RETRY, train
+from dalle2.recipes.decoder import RECIPE
+from dalle2.recipes.stage import StageInputs
+from steps._train import TRAIN_RETRY, train
 
 
 @step(retry=TRAIN_RETRY)
@@ -22,10 +25,10 @@ def train_decoder_unet(
 ) -> Annotated[ModelArtifact, ArtifactConfig(name="decoder_unet")]:
     """Stages are independent models: each one could train on its own machine, and each
     step's cache key holds its own stage's settings only."""
-    inputs = {"shard_dir": dataset.path, "emb_dir": embeddings.path, "index": index}
+    inputs = StageInputs(Path(dataset.path), Path(embeddings.path), index)
     return train(
         f"decoder_unet_{index}",
-        "decoder",
+        RECIPE,
         stage_config,
         data,
         inputs,

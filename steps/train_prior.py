@@ -1,5 +1,6 @@
 """Step 4: the diffusion prior, text embedding -> image embedding."""
 
+from pathlib import Path
 from typing import Annotated
 
 from zenml import ArtifactConfig, step
@@ -7,7 +8,9 @@ from zenml import ArtifactConfig, step
 from dalle2.config import DataConfig, PriorConfig
 from dalle2.data.shards import EmbeddingsRef
 from dalle2.models import ModelArtifact
-from steps._shared import TRAIN_RETRY, train
+from dalle2.recipes.prior import RECIPE
+from dalle2.recipes.stage import StageInputs
+from steps._train import TRAIN_RETRY, train
 
 
 @step(retry=TRAIN_RETRY)
@@ -21,10 +24,10 @@ def train_prior(
     """Reads embedding shards only: the prior never needs an image."""
     return train(
         "prior",
-        "prior",
+        RECIPE,
         prior,
         data,
-        {"emb_dir": embeddings.path},
+        StageInputs(emb_dir=Path(embeddings.path)),
         device,
         progress,
         embeddings=embeddings.model_dump(mode="json", exclude={"path"}),

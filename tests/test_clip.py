@@ -72,14 +72,21 @@ def test_scratch_clip_round_trips_through_files(tmp_path: Path) -> None:
     assert torch.equal(clip.encode_text(CAPTIONS).embed, again.encode_text(CAPTIONS).embed)
 
 
-def test_pretrained_by_name_and_local_weight_file(tmp_path: Path) -> None:
+def tiny_pretrained(tmp_path: Path, name: str) -> tuple[torch.nn.Module, Path]:
+    """An open_clip model registered under `name` and its weight file, as a user's
+    pretrained CLIP is (no hub: the weights are written here)."""
     cfg_dir = tmp_path / "cfg"
     cfg_dir.mkdir()
-    (cfg_dir / "tiny-test-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    (cfg_dir / f"{name}.json").write_text(json.dumps(TINY_OPEN_CLIP))
     open_clip.add_model_config(cfg_dir)
-    reference = open_clip.create_model("tiny-test-clip")
+    reference = open_clip.create_model(name)
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, weights)
+    return reference, weights
+
+
+def test_pretrained_by_name_and_local_weight_file(tmp_path: Path) -> None:
+    reference, weights = tiny_pretrained(tmp_path, "tiny-test-clip")
     clip = load_pretrained_clip("tiny-test-clip", str(weights))
     for k, v in reference.state_dict().items():
         assert torch.equal(v, clip.model.state_dict()[k]), k

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dalle2.cli import main
 from dalle2.config import ConfigError, load_config, parse_config
+from dalle2.edges.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from PIL import Image
 from test_download import _read_samples
 from test_pipeline_e2e import BIN, PIPELINE, REPO, run
 
-from dalle2.config import ConfigError, DataConfig, HoldoutRule, check_resources, parse_config
+from dalle2.config import ConfigError, DataConfig, HoldoutRule, parse_config
 from dalle2.data import emoji
 from dalle2.data.download import (
     DOWNLOADS_DIR,
@@ -39,6 +39,7 @@ from dalle2.data.download import (
     serve_directory,
 )
 from dalle2.data.shards import Holdout
+from dalle2.preflight import check_resources
 
 # ----------------------------------------------------------------------------- the test set
 

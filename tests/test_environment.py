@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle2.tracking import environment
-from dalle2.tracking.environment import Environment
-from steps._shared import git_commit
+from dalle2.edges.tracking import environment
+from dalle2.edges.tracking.environment import Environment
+from steps._git import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_set_up_stops_on_a_stale_lock_in_one_sentence(tmp_path: Path) -> None:
 def test_equal_files_in_another_environment_are_not_called_reproduced(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from dalle2.tracking.reproduce import Row, report
+    from dalle2.edges.tracking.reproduce import Row, report
 
     rows = [Row("models/prior/weights.safetensors", "ab" * 32, "ab" * 32)]
     assert report(rows, "run1", "run2") is True

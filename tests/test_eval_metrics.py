@@ -25,6 +25,7 @@ from dalle2.evaluation import (
     wrap_text,
 )
 from dalle2.recipes import evaluate as R
+from dalle2.unclip import Drawn
 
 NUM = 8  # captions c0..c7 of the stand-in
 GREY = 30  # caption cK's image is grey level GREY * K
@@ -249,7 +250,7 @@ def test_grid_refuses_mismatched_inputs() -> None:
 # ----------------------------------------------------------------------------- wiring
 
 
-def test_evaluate_reports_the_new_metrics_under_each_split(monkeypatch, tmp_path: Path) -> None:
+def test_evaluate_reports_the_new_metrics_under_each_split(tmp_path: Path) -> None:
     """The recipe's evaluate, with sampling replaced by the real images: every metric named."""
     captions = [f"c{k}" for k in (1, 2, 3, 4, 5, 6)]
     images = _images([1, 2, 3, 4, 5, 6], size=8)
@@ -259,11 +260,18 @@ def test_evaluate_reports_the_new_metrics_under_each_split(monkeypatch, tmp_path
         "image_embed": torch.randn(6, 16),
     }
 
-    def fake_generate(clip, prior, decoder, caps, **kwargs):
-        return images.float() / 255, torch.randn(len(caps), 16)
-
-    monkeypatch.setattr(R, "generate", fake_generate)
     clip = build_scratch_clip(TINY, captions).eval()
+
+    class RealImages:  # an UnCLIP whose drawings are the real images
+        def __init__(self) -> None:
+            self.clip = clip
+
+        def to(self, device: torch.device) -> RealImages:
+            return self
+
+        def generate(self, prompts: list[str], **kwargs: object) -> Drawn:
+            return Drawn(images.float() / 255, torch.randn(len(prompts), 16))
+
     with torch.no_grad():
         ref = R.EvalReference(
             [f"c{k}" for k in range(NUM)],
@@ -275,7 +283,7 @@ def test_evaluate_reports_the_new_metrics_under_each_split(monkeypatch, tmp_path
     retrieval = {f"retrieval_{m}{s}" for m in ("top1", "top5", "median_rank") for s in names}
     for split in ("holdout", "train"):
         out = R.evaluate(
-            cfg, clip, None, None, pairs, torch.device("cpu"), False, reference=ref, split=split
+            cfg, RealImages(), pairs, torch.device("cpu"), False, reference=ref, split=split
         )
         assert retrieval | {"nn_train_distance", "clip_score", "prior_cos_true"} <= set(out.metrics)
         assert ("nn_train_distance_real" in out.metrics) == (split == "holdout")

@@ -24,10 +24,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from test_pipeline_e2e import BIN, PIPELINE, REPO
 
-from dalle2.cli import main
 from dalle2.clip import build_scratch_clip
 from dalle2.config import load_config
 from dalle2.decoder import DecoderStage
+from dalle2.edges.cli import main
 from dalle2.models import MANIFEST, ModelArtifact, pack_clip, pack_prior, pack_stage
 from dalle2.prior import DiffusionPrior
 
@@ -310,20 +310,21 @@ def test_a_sound_model_folder_still_generates(models, tmp_path) -> None:
 
 
 def test_a_models_folder_without_its_last_upsampler_is_refused(models, tmp_path) -> None:
-    """No saved model says how many stages its cascade has: told the count, load_pipeline
+    """No saved model says how many stages its cascade has: told the count, UnCLIP.load
     refuses a folder without the upsampler rather than draw the base stage's smaller images;
     a gap in the stages is refused without it."""
-    from dalle2.models import ModelFileError, load_pipeline
+    from dalle2.models import ModelFileError
+    from dalle2.unclip import UnCLIP
 
     root = tmp_path / "models"
     subprocess.run(["cp", "-r", str(models), str(root)], check=True)
     shutil.rmtree(root / "decoder_unet_1")
     message = "lacks the model folder(s) decoder_unet_{} of its 2-stage cascade"
     with pytest.raises(ModelFileError, match=re.escape(message.format(1))):
-        load_pipeline(root, num_stages=2)
+        UnCLIP.load(root, num_stages=2)
     (root / "decoder_unet_0").rename(root / "decoder_unet_1")
     with pytest.raises(ModelFileError, match=re.escape(message.format(0))):
-        load_pipeline(root)
+        UnCLIP.load(root)
 
 
 def test_a_run_whose_models_lack_a_stage_is_refused_until_logged(
@@ -337,7 +338,7 @@ def test_a_run_whose_models_lack_a_stage_is_refused_until_logged(
     from PIL import Image
 
     from dalle2.models import ModelArtifact
-    from steps._shared import log_missing_models, log_model, log_params, run_models
+    from steps._tracking import log_missing_models, log_model, log_params, run_models
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dalle2.config import load_config
 from dalle2.data.shards import DatasetRef
-from dalle2.tracking.model_card import model_card
+from dalle2.edges.tracking.model_card import model_card
 
 REPO = Path(__file__).resolve().parents[1]
 

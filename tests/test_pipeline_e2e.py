@@ -27,7 +27,7 @@ import pytest
 import yaml
 from conftest import register_stack
 
-from dalle2.cli import main
+from dalle2.edges.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -290,7 +290,7 @@ def test_a_run_from_another_lock_is_refused_before_anything_trains(
 ) -> None:
     from mlflow import MlflowClient
 
-    from dalle2.tracking import environment
+    from dalle2.edges.tracking import environment
 
     root = first_run
     uri = f"sqlite:///{root}/mlruns.db"

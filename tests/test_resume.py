@@ -19,7 +19,9 @@ from conftest import write_shard_set
 
 from dalle2.config import DataConfig, load_config
 from dalle2.models import ModelArtifact, unpack_stage
+from dalle2.recipes.decoder import RECIPE
 from dalle2.recipes.launch import train_stage
+from dalle2.recipes.stage import StageInputs
 from dalle2.training.trainer import latest_checkpoint
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
@@ -44,14 +46,11 @@ def _stage(steps: int = 20, every: int = 5, num_processes: int = 1):
 
 def _train(shards, ckpt: Path | None, callback=None, num_processes: int = 1) -> ModelArtifact:
     shard_dir, emb_dir = shards
-    inputs = {"shard_dir": str(shard_dir), "emb_dir": str(emb_dir), "index": 0}
-    if ckpt is not None:
-        inputs["checkpoint_dir"] = str(ckpt)
     artifact, result = train_stage(
-        "decoder",
+        RECIPE,
         _stage(num_processes=num_processes),
         DataConfig(loader_workers=2, shuffle_buffer=40),
-        inputs,
+        StageInputs(shard_dir, emb_dir, 0, ckpt),
         device=torch.device("cpu"),
         callback=callback,
         progress=False,

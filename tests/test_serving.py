@@ -19,18 +19,20 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from test_pipeline_e2e import BIN, REPO, _free_port
 
-from dalle2.cli import main
 from dalle2.clip import OpenClip, build_scratch_clip
 from dalle2.config import load_config
 from dalle2.decoder import DecoderStage
+from dalle2.edges.cli import main
+from dalle2.edges.registry import register
+from dalle2.edges.serving import log_unclip_model
 from dalle2.models import pack_clip, pack_prior, pack_stage
 from dalle2.prior import DiffusionPrior
-from dalle2.serving import log_unclip_model, register
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 PROMPT = "a large red circle on a white background"
@@ -252,7 +254,7 @@ def test_generate_from_the_registered_model(registry: str, tmp_path: Path) -> No
 
 def test_evaluation_set_names_the_data_split_and_prompts_a_metric_comes_from() -> None:
     from dalle2.config import parse_config
-    from dalle2.serving import evaluation_set
+    from dalle2.edges.registry import evaluation_set
 
     base = parse_config({})
     same = evaluation_set(base, "md5-a")
@@ -260,3 +262,71 @@ def test_evaluation_set_names_the_data_split_and_prompts_a_metric_comes_from() -
     assert evaluation_set(base, "md5-b") != same, "other data"
     assert evaluation_set(parse_config({"data": {"holdout_fraction": 0.2}}), "md5-a") != same
     assert evaluation_set(parse_config({"eval": {"num_prompts": 8}}), "md5-a") != same
+
+
+def test_cli_served_model_and_evaluate_draw_the_same_bytes(tmp_path: Path) -> None:
+    """Every path draws through UnCLIP.generate: for one model, prompts and seeds, `dalle2
+    generate`, the served model's predict and evaluate's images are the same bytes (a base
+    stage drawing best_of 2, reranked by CLIP, included)."""
+    from types import SimpleNamespace
+
+    from dalle2.config import parse_config
+    from dalle2.edges.serving import MODELS, UnclipModel
+    from dalle2.evaluation import to_uint8
+    from dalle2.recipes import evaluate as R
+    from dalle2.unclip import UnCLIP
+
+    unclip = UnCLIP.load(build_models(tmp_path / "models"))
+    unclip.decoder.stages[0].cfg = unclip.decoder.stages[0].cfg.model_copy(update={"best_of": 2})
+    folder = unclip.save(tmp_path / "best-of-2")
+    prompts = [PROMPT, "a small blue square on a black sky", "a red circle"]
+
+    def u8(images: torch.Tensor) -> list[np.ndarray]:
+        return list(to_uint8(images).permute(0, 2, 3, 1).numpy())
+
+    # the CLI: one generator seeded --seed for the whole batch
+    out = tmp_path / "cli"
+    argv = ["generate", *prompts, "--checkpoint", str(folder), "--seed", "3", "--out", str(out)]
+    assert main([*argv, "--quiet", "--device", "cpu"]) == 0
+    cli = [np.asarray(Image.open(out / f"{i:04d}.png")) for i in range(3)]
+    direct = u8(UnCLIP.load(folder).generate(prompts, seed=3).images)
+    assert all(np.array_equal(a, b) for a, b in zip(cli, direct, strict=True))
+
+    # the served model: a generator per row, seeded by the row's seed
+    served = UnclipModel()
+    served.load_context(SimpleNamespace(artifacts={MODELS: str(folder)}))
+    reply = served.predict(None, pd.DataFrame({"prompt": prompts, "seed": [5, 6, 7]}))
+    pngs = [np.asarray(png(b64)) for b64 in reply["image"]]
+    direct = u8(UnCLIP.load(folder).generate(prompts, seeds=[5, 6, 7], batch_size=32).images)
+    assert all(np.array_equal(a, b) for a, b in zip(pngs, direct, strict=True))
+
+    # evaluate: eval.seed and eval.batch_size
+    cfg = parse_config({"eval": {"num_prompts": 3, "batch_size": 2, "seed": 11}})
+    model = UnCLIP.load(folder)
+    with torch.no_grad():
+        caption_embeds = model.clip.encode_text(prompts).embed
+    reference = R.EvalReference(prompts, caption_embeds, torch.randn(4, 32).half())
+    pairs = {
+        "caption": prompts,
+        "image": torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8),
+        "image_embed": torch.randn(3, 32),
+    }
+    found = R.evaluate(
+        cfg, model, pairs, torch.device("cpu"), False, reference=reference, split="holdout"
+    )
+    direct = u8(UnCLIP.load(folder).generate(prompts, seed=11, batch_size=2).images)
+    assert all(np.array_equal(a, b) for a, b in zip(found.generated, direct, strict=True))
+    assert not np.array_equal(direct[0], direct[1]), "other prompts and noise: other images"
+
+
+def test_the_readme_python_api_runs_as_written(
+    registry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("**From Python**")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["drawn"].images.shape == (1, 3, 32, 32)  # the tiny champion draws 32 px
+    assert scope["variations"].shape == (4, 3, 32, 32)
+    assert 0 <= float(scope["variations"].min()) <= float(scope["variations"].max()) <= 1

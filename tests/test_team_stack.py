@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dalle2.tracking.stack import read_env_file
+from dalle2.edges.tracking.stack import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.team_stack

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 from test_serving import TINY, build_models
 
-from dalle2.cli import main
 from dalle2.clip import OpenClip, build_scratch_clip
 from dalle2.config import load_config
 from dalle2.decoder import DecoderStage
+from dalle2.edges.cli import main
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 60, 220)}
 NUM = 3

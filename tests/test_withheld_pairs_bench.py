@@ -13,7 +13,7 @@ import yaml
 from dalle2.config import parse_config
 from dalle2.data import shapes64
 from dalle2.data.shards import Holdout
-from dalle2.tracking.reproduce import checkout
+from dalle2.edges.tracking.reproduce import checkout
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("withheld", REPO / "benchmarks" / "withheld_pairs.py")

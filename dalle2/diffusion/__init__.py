@@ -1,6 +1,6 @@
 """Gaussian diffusion: schedules, the process and its loss, samplers and guidance."""
 
-from dalle2.diffusion.guidance import classifier_free_guidance
+from dalle2.diffusion.guidance import best_of, classifier_free_guidance, guided_sample
 from dalle2.diffusion.process import GaussianDiffusion, LossWeighting, ModelFn, Prediction
 from dalle2.diffusion.samplers import (
     Clamp,
@@ -23,8 +23,10 @@ __all__ = [
     "ModelFn",
     "Prediction",
     "Sampler",
+    "best_of",
     "clamp_x0",
     "classifier_free_guidance",
+    "guided_sample",
     "make_betas",
     "randn",
     "sample",

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from dalle2.clip import OpenClip, build_scratch_clip, load_pretrained_clip
 from dalle2.config import ClipConfig, DataConfig
 from dalle2.data import shards as D
+from dalle2.models import ModelArtifact, pack_clip
+from dalle2.recipes.stage import Recipe, StageInputs
 from dalle2.training.fit import Run, fit, seed_everything, stream
 from dalle2.training.trainer import TrainResult
 
@@ -144,6 +146,20 @@ def fit_clip(
 
     ema, result = fit(clip, c.train, loss_fn, batches, data, run, "train_clip")
     return ema, result
+
+
+def _fit(
+    c: ClipConfig, data: DataConfig, at: StageInputs, run: Run
+) -> tuple[OpenClip, TrainResult]:
+    assert at.shard_dir is not None, "CLIP trains on the image shards"
+    return fit_clip(c, data, at.shard_dir, run)
+
+
+def _pack(clip: OpenClip, _at: StageInputs) -> ModelArtifact:
+    return pack_clip(clip.cpu())
+
+
+RECIPE = Recipe("clip", ClipConfig, _fit, _pack)
 
 
 @torch.no_grad()

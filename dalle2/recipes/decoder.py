@@ -9,6 +9,8 @@ import torch
 from dalle2.config import DataConfig, DecoderStageConfig
 from dalle2.data import shards as D
 from dalle2.decoder import DecoderStage
+from dalle2.models import ModelArtifact, pack_stage
+from dalle2.recipes.stage import Recipe, StageInputs
 from dalle2.training.fit import Run, fit, seed_everything, stream
 from dalle2.training.trainer import TrainResult
 
@@ -39,3 +41,17 @@ def fit_decoder_stage(
 
     ema, result = fit(stage, s.train, loss_fn, batches, data, run, f"train_decoder_unet_{index}")
     return ema, result
+
+
+def _fit(
+    s: DecoderStageConfig, data: DataConfig, at: StageInputs, run: Run
+) -> tuple[DecoderStage, TrainResult]:
+    assert at.shard_dir is not None and at.emb_dir is not None, "a unet reads both"
+    return fit_decoder_stage(s, at.index, data, at.shard_dir, at.emb_dir, run)
+
+
+def _pack(stage: DecoderStage, at: StageInputs) -> ModelArtifact:
+    return pack_stage(stage.cpu(), at.index)
+
+
+RECIPE = Recipe("decoder", DecoderStageConfig, _fit, _pack)

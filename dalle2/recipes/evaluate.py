@@ -1,10 +1,9 @@
-"""Sampling prompts through prior and cascade, and the metrics of a run."""
+"""The metrics of a run: its models prompted with held-out and training captions."""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,10 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dalle2.config import SampleConfig, UnclipConfig
+from dalle2.config import UnclipConfig
 from dalle2.data import shards as D
-from dalle2.decoder import Decoder
-from dalle2.device import autocast, autocast_dtype
 from dalle2.evaluation import (
     caption_ranks,
     clip_score,
@@ -31,7 +28,7 @@ from dalle2.evaluation import (
     retrieval_summary,
     to_uint8,
 )
-from dalle2.prior import DiffusionPrior
+from dalle2.unclip import UnCLIP
 
 if TYPE_CHECKING:  # open_clip takes seconds to import: only the step that loads CLIP pays
     from dalle2.clip import ClipEncoder, OpenClip
@@ -40,78 +37,6 @@ if TYPE_CHECKING:  # open_clip takes seconds to import: only the step that loads
 # nearest neighbour among a subset is never nearer than among all, so past the cap the
 # check can only under-report copying; real held-out images are measured the same way.
 MAX_TRAIN_EMBEDS = 50_000
-
-
-class NonFiniteOutputError(RuntimeError):
-    """The models produced NaN or infinite values: there is no image to write."""
-
-
-@torch.no_grad()
-def generate(
-    clip: OpenClip,
-    prior: DiffusionPrior,
-    decoder: Decoder,
-    captions: list[str],
-    *,
-    device: torch.device,
-    batch_size: int = 32,
-    seed: int = 0,
-    progress: bool = False,
-    decoder_cfgs: Sequence[SampleConfig | None] | None = None,
-    seeds: Sequence[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 3, H, W) in [0, 1] for captions and the prior's image embeddings (N, E)
-    they were drawn from (where the base stage draws several, each from its own prior draw,
-    the kept image's).
-
-    `decoder_cfgs` replaces the sampling settings of some decoder stages (None keeps a
-    stage's own), so a served model can take guidance and steps per request. `seeds`, one
-    per caption, gives each its own noise generator: a caption's image then does not depend
-    on the batch it is drawn in (served requests); otherwise one generator seeded `seed`
-    draws for all of them.
-    """
-    if seeds is not None and len(seeds) != len(captions):
-        raise ValueError(f"{len(seeds)} seeds for {len(captions)} captions; pass one each")
-    shared = torch.Generator(device=device).manual_seed(seed)
-    clip, prior, decoder = clip.to(device).eval(), prior.to(device).eval(), decoder.to(device)
-    dtype = autocast_dtype(device, "auto")
-    out_images, out_embeds = [], []
-    chunks = range(0, len(captions), batch_size)
-    for start in tqdm(chunks, desc="sample", disable=not progress):
-        caps = captions[start : start + batch_size]
-        gen = shared
-        if seeds is not None:
-            rows = seeds[start : start + batch_size]
-            gen = [torch.Generator(device=device).manual_seed(int(s)) for s in rows]
-        enc = clip.encode_text(caps, with_tokens=prior.cfg.use_text_tokens or decoder.reads_text)
-        tokens = None if enc.tokens is None else enc.tokens.float()
-        # a base stage that draws n images a caption draws each from its own prior draw
-        n = decoder.stages[0].cfg.best_of
-        with autocast(device, dtype):
-            embed = prior.sample(
-                enc.embed.float().repeat_interleave(n, 0),
-                None if tokens is None else tokens.repeat_interleave(n, 0),
-                None if enc.mask is None else enc.mask.repeat_interleave(n, 0),
-                generator=gen,
-            )
-            images, embed = decoder.sample(
-                embed.view(len(caps), n, -1) if n > 1 else embed,
-                tokens,
-                enc.mask,
-                cfgs=decoder_cfgs,
-                generator=gen,
-                text_embed=enc.embed,
-                encode_image=clip.encode_image,
-            )
-        if not bool(torch.isfinite(images).all() and torch.isfinite(embed).all()):
-            raise NonFiniteOutputError(
-                f"sampling produced NaN or infinite values for prompts {start}.."
-                f"{start + len(caps) - 1}; no images were written (check the models' weights "
-                "and sampling settings)"
-            )
-        out_images.append(images.float().cpu())
-        out_embeds.append(embed.float().cpu())
-    return torch.cat(out_images), torch.cat(out_embeds)
 
 
 def eval_pairs(
@@ -305,9 +230,7 @@ class Evaluation:
 
 def evaluate(
     cfg: UnclipConfig,
-    clip: OpenClip,
-    prior: DiffusionPrior,
-    decoder: Decoder,
+    unclip: UnCLIP,
     pairs: D.Batch,
     device: torch.device,
     progress: bool = True,
@@ -325,16 +248,10 @@ def evaluate(
     captions = list(pairs["caption"])
     n = len(captions)
     t0 = time.perf_counter()
-    images, embeds = generate(
-        clip,
-        prior,
-        decoder,
-        captions,
-        device=device,
-        batch_size=cfg.eval.batch_size,
-        seed=cfg.eval.seed,
-        progress=progress,
+    drawn = unclip.to(device).generate(
+        captions, seed=cfg.eval.seed, batch_size=cfg.eval.batch_size, progress=progress
     )
+    images, embeds, clip = drawn.images, drawn.embeds, unclip.clip
     metrics: dict[str, float] = {"sample_seconds_per_image": (time.perf_counter() - t0) / n}
     gen_u8 = to_uint8(images)
     ref = pairs["image"].permute(0, 3, 1, 2)

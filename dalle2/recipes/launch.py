@@ -1,6 +1,7 @@
 """Run a training stage in this process, or data-parallel on N processes through torchrun.
 
-A step hands over plain inputs (the config, data paths, a stage index). With
+A step hands over the stage's recipe (recipes/stage.py) and plain inputs (the config, data
+paths, a stage index). With
 `train.num_processes` > 1 they go to a job folder and `torchrun` starts the processes, each
 running `python -m dalle2.recipes.launch JOB_DIR`: accelerate wraps the model in DDP (gloo on CPU,
 NCCL on GPUs), every process streams its own shards, and rank 0 alone reports metrics (a
@@ -15,6 +16,7 @@ command with the same flags on the other nodes (see the README).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -24,60 +26,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from pydantic import BaseModel
 
-from dalle2.config import ClipConfig, DataConfig, DecoderStageConfig, PriorConfig
+from dalle2.config import DataConfig
 from dalle2.device import autocast_dtype, pick_device
-from dalle2.models import ModelArtifact, pack_clip, pack_prior, pack_stage
+from dalle2.models import ModelArtifact
+from dalle2.recipes.stage import Recipe, StageInputs
 from dalle2.training.fit import Run
 from dalle2.training.trainer import MetricsCallback, TrainResult
 
-Stage = Literal["clip", "prior", "decoder"]
-Section = ClipConfig | PriorConfig | DecoderStageConfig
-SECTIONS: dict[str, type[Section]] = {
-    "clip": ClipConfig,
-    "prior": PriorConfig,
-    "decoder": DecoderStageConfig,
-}
 logger = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
     """The data-parallel processes of a stage failed."""
-
-
-def _fit(
-    stage: Stage, section: Section, data: DataConfig, inputs: dict[str, Any], run: Run
-) -> tuple[torch.nn.Module, TrainResult]:
-    from dalle2.recipes import clip, decoder, prior
-
-    if stage == "clip":
-        return clip.fit_clip(section, data, Path(inputs["shard_dir"]), run)
-    if stage == "prior":
-        return prior.fit_prior(section, data, Path(inputs["emb_dir"]), run)
-    return decoder.fit_decoder_stage(
-        section,
-        int(inputs["index"]),
-        data,
-        Path(inputs["shard_dir"]),
-        Path(inputs["emb_dir"]),
-        run,
-    )
-
-
-def _pack(stage: Stage, model: torch.nn.Module, inputs: dict[str, Any]) -> ModelArtifact:
-    model = model.cpu()
-    if stage == "clip":
-        return pack_clip(model)
-    if stage == "prior":
-        return pack_prior(model)
-    return pack_stage(model, int(inputs["index"]))
-
-
-def _checkpoint_dir(inputs: dict[str, Any]) -> Path | None:
-    return Path(inputs["checkpoint_dir"]) if inputs.get("checkpoint_dir") else None
 
 
 def torchrun_command(num_processes: int, job_dir: Path) -> list[str]:
@@ -109,39 +74,35 @@ def _forward_metrics(path: Path, done: int, callback: MetricsCallback | None) ->
 
 
 def train_stage(
-    stage: Stage,
-    section: Section,
+    recipe: Recipe[Any, Any],
+    section: BaseModel,
     data: DataConfig,
-    inputs: dict[str, Any],
+    inputs: StageInputs,
     *,
     device: torch.device,
     callback: MetricsCallback | None = None,
     progress: bool = True,
 ) -> tuple[ModelArtifact, TrainResult]:
-    """Train one stage on its configured number of processes; returns the packed EMA model.
-
-    `inputs` holds the stage's data paths (shard_dir, emb_dir), the decoder stage's index
-    and, to resume and checkpoint, a checkpoint_dir that every process can reach.
-    """
-    n = section.train.num_processes
+    """Train one stage on its configured number of processes; returns the packed EMA model."""
+    n = section.train.num_processes  # type: ignore[attr-defined]
     if n == 1:
-        run = Run(device, None, callback, progress, _checkpoint_dir(inputs))
-        model, result = _fit(stage, section, data, inputs, run)
-        return _pack(stage, model, inputs), result
+        run = Run(device, None, callback, progress, inputs.checkpoint_dir)
+        model, result = recipe.fit(section, data, inputs, run)
+        return recipe.pack(model, inputs), result
     root = os.environ.get("DALLE2_JOB_ROOT")
-    with tempfile.TemporaryDirectory(prefix=f"dalle2-{stage}-", dir=root) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"dalle2-{recipe.name}-", dir=root) as tmp:
         job = Path(tmp)
         spec = {
-            "stage": stage,
+            "recipe": recipe.module,
             "section": section.model_dump(mode="json"),
             "data": data.model_dump(mode="json"),
             "device": device.type,
-            "inputs": inputs,
+            "inputs": inputs.to_json(),
             "progress": progress,
         }
         (job / "job.json").write_text(json.dumps(spec))
         command = torchrun_command(n, job)
-        logger.info("training %s on %d processes: %s", stage, n, shlex.join(command))
+        logger.info("training %s on %d processes: %s", recipe.name, n, shlex.join(command))
         proc = subprocess.Popen(command)
         seen = 0
         try:
@@ -155,7 +116,7 @@ def train_stage(
         _forward_metrics(job / "metrics.jsonl", seen, callback)
         if proc.returncode != 0 or not (job / "result.json").is_file():
             raise LaunchError(
-                f"training {stage} on {n} processes failed (torchrun exit code "
+                f"training {recipe.name} on {n} processes failed (torchrun exit code "
                 f"{proc.returncode}); the processes' own errors are printed above"
             )
         result = TrainResult(**json.loads((job / "result.json").read_text()))
@@ -172,8 +133,9 @@ def worker(job_dir: Path) -> None:
     from accelerate import Accelerator
 
     spec = json.loads((job_dir / "job.json").read_text())
-    stage, inputs = spec["stage"], spec["inputs"]
-    section = SECTIONS[stage].model_validate(spec["section"])
+    recipe: Recipe[Any, Any] = importlib.import_module(spec["recipe"]).RECIPE
+    inputs = StageInputs.from_json(spec["inputs"])
+    section = recipe.config.model_validate(spec["section"])
     data = DataConfig.model_validate(spec["data"])
     device = pick_device(spec["device"])
     acc = Accelerator(
@@ -188,11 +150,11 @@ def worker(job_dir: Path) -> None:
             metrics_file.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
             metrics_file.flush()
 
-    run = Run(acc.device, acc, callback, spec["progress"], _checkpoint_dir(inputs))
-    model, result = _fit(stage, section, data, inputs, run)
+    run = Run(acc.device, acc, callback, spec["progress"], inputs.checkpoint_dir)
+    model, result = recipe.fit(section, data, inputs, run)
     if acc.is_main_process:
         metrics_file.close()
-        _pack(stage, model, inputs).to_dir(job_dir / "model")
+        recipe.pack(model, inputs).to_dir(job_dir / "model")
         (job_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result)))
     acc.wait_for_everyone()
     acc.end_training()

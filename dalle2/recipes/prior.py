@@ -8,7 +8,9 @@ import torch
 
 from dalle2.config import DataConfig, PriorConfig
 from dalle2.data import shards as D
+from dalle2.models import ModelArtifact, pack_prior
 from dalle2.prior import DiffusionPrior
+from dalle2.recipes.stage import Recipe, StageInputs
 from dalle2.training.fit import Run, fit, seed_everything, stream
 from dalle2.training.trainer import TrainResult
 
@@ -35,3 +37,17 @@ def fit_prior(
 
     ema, result = fit(prior, p.train, loss_fn, batches, data, run, "train_prior")
     return ema, result
+
+
+def _fit(
+    p: PriorConfig, data: DataConfig, at: StageInputs, run: Run
+) -> tuple[DiffusionPrior, TrainResult]:
+    assert at.emb_dir is not None, "the prior trains on the embedding shards"
+    return fit_prior(p, data, at.emb_dir, run)
+
+
+def _pack(prior: DiffusionPrior, _at: StageInputs) -> ModelArtifact:
+    return pack_prior(prior.cpu())
+
+
+RECIPE = Recipe("prior", PriorConfig, _fit, _pack)

@@ -2,7 +2,7 @@
 
 A pipeline run records what it takes to rebuild it (steps/download_images.py): the git
 commit (tag `git_commit`), the resolved config (`run/config.yaml`), the DVC pointer of its
-data (`run/<data_dir>.dvc`) and its environment (dalle2/tracking/environment.py). Reproducing first
+data (`run/<data_dir>.dvc`) and its environment (environment.py). Reproducing first
 says how this environment differs from the run's, and stops when the lock differs unless
 told to go on: other packages train other weights. It then checks the commit out into a git
 worktree of its own, so the user's checkout is never touched; pulls that exact data into it
@@ -33,9 +33,9 @@ import yaml
 from dalle2.config import DataConfig
 from dalle2.data.versioning import VersioningError, find_project_root, remote_args
 from dalle2.device import pick_device
-from dalle2.tracking import environment
-from dalle2.tracking.environment import Environment
-from dalle2.tracking.stack import active_tracker
+from dalle2.edges.tracking import environment
+from dalle2.edges.tracking.environment import Environment
+from dalle2.edges.tracking.stack import active_tracker
 
 # Metrics that describe the machine, how the run got there or the registry's state when it
 # ended (a reproduction finds the original as champion), not what it trained.

@@ -6,22 +6,18 @@
 MLflow logs this file as the model's code ("models from code"), so nothing is pickled: the
 logged model holds this file, a copy of the dalle2 package (the code that wrote the weights)
 and the run's model folders (safetensors + JSON configs + sha256 manifests), which
-`load_context` loads with the project's own checked loaders. Like cli.py, this module is an
-edge of the library and may import mlflow; the registry's champion rule lives here too.
+`load_context` loads with the project's own checked loaders (UnCLIP.load).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import json
 import math
 import numbers
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -32,10 +28,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from dalle2.data.versioning import VersioningError, find_project_root
-from dalle2.tracking.environment import lock_pins
-
-if TYPE_CHECKING:
-    from dalle2.config import UnclipConfig
+from dalle2.edges.tracking.environment import lock_pins
 
 MODELS = "models"  # the pyfunc artifact: a folder with clip/, prior/, decoder_unet_{i}/
 CARD = "model_card"  # the pyfunc artifact: the run's model card (markdown)
@@ -110,18 +103,11 @@ class UnclipModel(PythonModel):
 
     def _load(self, context: Any) -> None:
         from dalle2.device import pick_device
-        from dalle2.models import load_pipeline
-        from dalle2.recipes import evaluate  # imported here, not by the first request
+        from dalle2.unclip import NonFiniteOutputError, UnCLIP
 
-        self.generate, self.non_finite = evaluate.generate, evaluate.NonFiniteOutputError
-        self.device = pick_device("auto")
-        clip, prior, decoder = load_pipeline(Path(context.artifacts[MODELS]))
-        self.clip, self.prior, self.decoder = (
-            clip.to(self.device).eval(),
-            prior.to(self.device).eval(),
-            decoder.to(self.device).eval(),
-        )
-        self.context_length = int(clip.tokenizer.context_length)
+        self.non_finite = NonFiniteOutputError
+        self.unclip = UnCLIP.load(Path(context.artifacts[MODELS])).to(pick_device("auto"))
+        self.context_length = int(self.unclip.clip.tokenizer.context_length)
 
     def _check_prompts(self, model_input: Any) -> list[str]:
         if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input.columns:
@@ -135,7 +121,7 @@ class UnclipModel(PythonModel):
             )
         most = self.context_length - 2  # CLIP adds start and end tokens
         # open_clip's BPE tokenizer counts tokens; others (Hugging Face's) just truncate
-        encode = getattr(self.clip.tokenizer, "encode", None)
+        encode = getattr(self.unclip.clip.tokenizer, "encode", None)
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise bad_request(f"prompt {i} is not a string (it is {type(prompt).__name__})")
@@ -172,7 +158,7 @@ class UnclipModel(PythonModel):
         params = {k: v for k, v in (params or {}).items() if v is not None}
         if not params:
             return None
-        base = self.decoder.stages[0]
+        base = self.unclip.decoder.stages[0]
         update = {}
         if "guidance_scale" in params:
             g = params["guidance_scale"]
@@ -185,7 +171,7 @@ class UnclipModel(PythonModel):
                 raise bad_request(f"steps must be a whole number from 1 to {most}, not {steps!r}")
             update["steps"] = int(steps)
         cfg = SampleConfig.model_validate({**base.cfg.sample.model_dump(), **update})
-        return [cfg] + [None] * (len(self.decoder.stages) - 1)
+        return [cfg] + [None] * (len(self.unclip.decoder.stages) - 1)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -195,28 +181,23 @@ class UnclipModel(PythonModel):
         prompts = self._check_prompts(model_input)
         seeds = self._check_seeds(model_input)
         cfgs = self._sample_cfgs(params)
-        images = self.sampler.submit(self._draw, prompts, seeds, cfgs).result()
+        images = self.sampler.submit(self.draw, prompts, seeds, cfgs).result()
         return pd.DataFrame({"image": images})
 
-    def _draw(self, prompts: list[str], seeds: list[int], cfgs: list[Any] | None) -> list[str]:
-        """The request's rows in one batch (at most MAX_PROMPTS), each from its own seed, as
-        PNGs: every torch call on the sampler thread."""
+    def draw(
+        self, prompts: list[str], seeds: list[int], cfgs: list[Any] | None = None
+    ) -> list[str]:
+        """Checked rows in one batch (at most MAX_PROMPTS), each from its own seed, as PNGs.
+        Called on the sampler thread (`self.sampler`), where every torch call runs."""
         from dalle2.evaluation import to_uint8
 
         try:
-            drawn, _ = self.generate(
-                self.clip,
-                self.prior,
-                self.decoder,
-                prompts,
-                device=self.device,
-                batch_size=MAX_PROMPTS,
-                seeds=seeds,
-                decoder_cfgs=cfgs,
+            drawn = self.unclip.generate(
+                prompts, seeds=seeds, batch_size=MAX_PROMPTS, decoder_cfgs=cfgs
             )
         except self.non_finite as err:
             raise MlflowException(str(err), error_code=INTERNAL_ERROR) from None
-        return [png_base64(image.permute(1, 2, 0)) for image in to_uint8(drawn)]
+        return [png_base64(image.permute(1, 2, 0)) for image in to_uint8(drawn.images)]
 
 
 def requirements() -> list[str]:
@@ -238,7 +219,7 @@ def model_spec(model_dir: Path, card: Path | None = None) -> dict[str, Any]:
     return {
         "python_model": str(Path(__file__).resolve()),
         "artifacts": artifacts,
-        "code_paths": [str(Path(__file__).resolve().parent)],
+        "code_paths": [str(Path(__file__).resolve().parents[1])],  # the dalle2 package
         "signature": SIGNATURE,
         "input_example": pd.DataFrame({"prompt": [EXAMPLE_PROMPT], "seed": [0]}),
         "pip_requirements": requirements(),
@@ -252,120 +233,7 @@ def log_unclip_model(
     return mlflow.pyfunc.log_model(name=name, **model_spec(model_dir, card))
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What the registry step did with a new model version."""
-
-    version: str
-    registered: bool  # False: a version with these exact files existed already
-    promoted: bool  # the version holds the alias now
-    value: float | None  # the candidate's metric
-    champion_version: str | None  # the alias's version before
-    champion_value: float | None
-    reason: str  # one sentence
-
-
-def _metric_of(client: mlflow.MlflowClient, mv: Any, metric: str) -> float | None:
-    """A version's metric: the value recorded on it at registration, else its run's."""
-    tag = mv.tags.get(f"metric.{metric}")
-    if tag is not None:
-        return float(tag)
-    if mv.run_id:
-        value = client.get_run(mv.run_id).data.metrics.get(metric)
-        return None if value is None else float(value)
-    return None
-
-
-def evaluation_set(cfg: UnclipConfig, data_md5: str) -> str:
-    """An id of the prompts and judge a run's metrics come from: the dataset, the held-out
-    split over its captions and the evaluate step's settings. Equal ids, comparable metrics."""
-    data = cfg.data
-    measured = {
-        "data": data_md5,
-        "holdout": [
-            data.holdout,
-            data.holdout_fraction,
-            data.model_dump(mode="json")["holdout_rules"],
-        ],
-        "eval": cfg.eval.model_dump(mode="json", exclude={"grid_size"}),
-    }
-    return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def register(
-    model_uri: str,
-    content_id: str,
-    value: float | None,
-    *,
-    name: str,
-    metric: str,
-    greater_is_better: bool = True,
-    alias: str = "champion",
-    eval_set: str = "",
-) -> Decision:
-    """Register `model_uri` under `name` (unless a version holds the same files) and give it
-    `alias` when no version holds the alias or its `metric` is better than the holder's.
-
-    Like is compared with like: the holder's metric counts only when it was measured on the
-    same evaluation set (`eval_set`, from evaluation_set); a model of other data or other
-    held-out prompts never takes the alias on a number from another set of prompts.
-    """
-    client = mlflow.MlflowClient()
-    if value is not None and not math.isfinite(value):
-        value = None
-    same = [
-        mv
-        for mv in client.search_model_versions(f"name = '{name}'")
-        if mv.tags.get("content_id") == content_id
-    ]
-    if same:
-        mv, registered = min(same, key=lambda m: int(m.version)), False
-    else:
-        tags = {"content_id": content_id, "eval_set": eval_set}
-        if value is not None:
-            tags[f"metric.{metric}"] = repr(value)
-        mv = mlflow.register_model(model_uri, name, tags=tags)
-        registered = True
-    version = str(mv.version)  # stores return it as int or str
-    held = client.get_registered_model(name).aliases.get(alias)  # stores differ on a miss
-    held = None if held is None else str(held)
-
-    def decide(promoted: bool, reason: str, champ_value: float | None = None) -> Decision:
-        if promoted:
-            client.set_registered_model_alias(name, alias, version)
-        return Decision(version, registered, promoted, value, held, champ_value, reason)
-
-    if held is None:
-        return decide(True, f"no version held @{alias}, so version {version} takes it")
-    if held == version:
-        return decide(False, f"version {version} already holds @{alias}")
-    champion = client.get_model_version(name, held)
-    if champion.tags.get("eval_set") != eval_set:
-        return decide(
-            False,
-            f"version {held} (@{alias}) was evaluated on other data or prompts (evaluation "
-            f"set {champion.tags.get('eval_set') or 'unrecorded'}, this one {eval_set}), so "
-            f"it keeps the alias; set registry.name to give this dataset its own model",
-        )
-    champ_value = _metric_of(client, champion, metric)
-    if value is None:
-        return decide(False, f"this run has no {metric}; @{alias} stays on version {held}")
-    if champ_value is None:
-        return decide(
-            False,
-            f"version {held} (@{alias}) has no {metric} to compare with, so it keeps the "
-            f"alias; move it by hand if version {version} should serve",
-        )
-    better = value > champ_value if greater_is_better else value < champ_value
-    verdict = "better than" if better else "not better than"
-    reason = (
-        f"{metric} {value:.4g} of version {version} is {verdict} {champ_value:.4g} of "
-        f"version {held}"
-    )
-    return decide(better, reason, champ_value)
-
-
 # MLflow runs this file as a fresh module to build the model ("models from code"); an
-# ordinary import of dalle2.serving builds nothing.
-if __name__ != "dalle2.serving":
+# ordinary import of dalle2.edges.serving builds nothing.
+if __name__ != "dalle2.edges.serving":
     set_model(UnclipModel())

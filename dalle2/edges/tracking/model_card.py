@@ -70,7 +70,7 @@ def model_card(
 ) -> str:
     """The card of the models one pipeline run produced; `trained_steps` maps clip, prior and
     decoder_unet_{i} to the steps the run measured (None for models from ZenML's cache);
-    `env` is the run's `env.*` tags (dalle2/tracking/environment.py), what the weights depend on."""
+    `env` is the run's `env.*` tags (environment.py), what the weights depend on."""
     d, held = cfg.data, Holdout.of(cfg.data)
     sets = [name for _, name in held.sets]  # held-out sets first, the seen captions last
     if d.url_list:
