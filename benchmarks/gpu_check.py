@@ -125,7 +125,9 @@ def _sampling(cfg: UnclipConfig, device: torch.device, smoke: bool) -> dict:
 def _torchrun(device: torch.device, timeout: float) -> dict:
     """A tiny prior on 1 torchrun process through dalle2.recipes.launch's worker."""
     from dalle2.data.shards import write_embedding_shard
-    from dalle2.recipes.launch import torchrun_command
+    from dalle2.recipes.launch import torchrun_command, write_job
+    from dalle2.recipes.prior import RECIPE
+    from dalle2.recipes.stage import StageInputs
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         job, emb = Path(tmp) / "job", Path(tmp) / "emb"
@@ -143,15 +145,7 @@ def _torchrun(device: torch.device, timeout: float) -> dict:
             }
         )
         data = DataConfig(holdout_fraction=0.0, loader_workers=0)
-        spec = {
-            "stage": "prior",
-            "section": prior.model_dump(mode="json"),
-            "data": data.model_dump(mode="json"),
-            "device": device.type,
-            "inputs": {"emb_dir": str(emb)},
-            "progress": False,
-        }
-        (job / "job.json").write_text(json.dumps(spec))
+        write_job(job, RECIPE, prior, data, StageInputs(emb_dir=emb), device, progress=False)
         t0 = time.perf_counter()
         done = subprocess.run(
             torchrun_command(1, job), cwd=ROOT, capture_output=True, text=True, timeout=timeout

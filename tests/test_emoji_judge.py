@@ -25,6 +25,7 @@ from dalle2.config import load_config
 from dalle2.data.shards import Holdout
 from dalle2.decoder import Decoder, DecoderStage
 from dalle2.prior import DiffusionPrior
+from dalle2.unclip import UnCLIP
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,8 +182,8 @@ def test_stage_table_reads_each_stage_with_the_judge(trained: tuple) -> None:
     with torch.no_grad():  # unets start with zero outputs
         for param in (p for stage in stages for p in stage.parameters()):
             param.add_(0.05 * torch.randn_like(param))
-    models = (clip, DiffusionPrior(cfg.prior), Decoder(stages))
-    rows = emoji_stages.stage_rows(cfg, models, judge, shard_dir, progress=lambda _: None)
+    unclip = UnCLIP(clip, DiffusionPrior(cfg.prior), Decoder(stages))
+    rows = emoji_stages.stage_rows(cfg, unclip, judge, shard_dir, progress=lambda _: None)
     by = {(r["set"], r["path"].split(" (")[0].split(",")[0]): r for r in rows}
     sets = ("unseen_captions", "unseen_dark_tone", "seen_captions")
     paths = ("CLIP retrieval", "real images", "base stage", "cascade", "prior + cascade")
@@ -195,11 +196,10 @@ def test_stage_table_reads_each_stage_with_the_judge(trained: tuple) -> None:
     table = emoji_stages.table(rows)
     assert table.count("\n") == len(rows) + 1 and "| unseen_dark_tone | cascade" in table
 
-    prior, decoder = models[1], models[2]
-    emoji_stages.set_sampling(prior, decoder, ["decoder.0.best_of=3", "prior.sample.steps=7"])
-    assert decoder.stages[0].cfg.best_of == 3 and prior.cfg.sample.steps == 7
+    emoji_stages.set_sampling(unclip, ["decoder.0.best_of=3", "prior.sample.steps=7"])
+    assert unclip.decoder.stages[0].cfg.best_of == 3 and unclip.prior.cfg.sample.steps == 7
     with pytest.raises(SystemExit, match="only sample, best_of change without training"):
-        emoji_stages.set_sampling(prior, decoder, ["decoder.0.train.steps=9"])
+        emoji_stages.set_sampling(unclip, ["decoder.0.train.steps=9"])
 
 
 def test_screen_trains_the_base_unet_and_judges_it_on_true_embeddings(

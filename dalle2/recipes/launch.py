@@ -92,15 +92,7 @@ def train_stage(
     root = os.environ.get("DALLE2_JOB_ROOT")
     with tempfile.TemporaryDirectory(prefix=f"dalle2-{recipe.name}-", dir=root) as tmp:
         job = Path(tmp)
-        spec = {
-            "recipe": recipe.module,
-            "section": section.model_dump(mode="json"),
-            "data": data.model_dump(mode="json"),
-            "device": device.type,
-            "inputs": inputs.to_json(),
-            "progress": progress,
-        }
-        (job / "job.json").write_text(json.dumps(spec))
+        write_job(job, recipe, section, data, inputs, device, progress)
         command = torchrun_command(n, job)
         logger.info("training %s on %d processes: %s", recipe.name, n, shlex.join(command))
         proc = subprocess.Popen(command)
@@ -121,6 +113,28 @@ def train_stage(
             )
         result = TrainResult(**json.loads((job / "result.json").read_text()))
         return ModelArtifact.from_dir(job / "model"), result
+
+
+def write_job(
+    job_dir: Path,
+    recipe: Recipe[Any, Any],
+    section: BaseModel,
+    data: DataConfig,
+    inputs: StageInputs,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """The job folder's job.json, all a torchrun worker reads: the recipe's module, its
+    config section, the data settings, the inputs, the device."""
+    spec = {
+        "recipe": recipe.module,
+        "section": section.model_dump(mode="json"),
+        "data": data.model_dump(mode="json"),
+        "device": device.type,
+        "inputs": inputs.to_json(),
+        "progress": progress,
+    }
+    (job_dir / "job.json").write_text(json.dumps(spec))
 
 
 def _mixed_precision(device: torch.device, precision: str) -> str:
