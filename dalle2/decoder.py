@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle2.config import DecoderStageConfig, SampleConfig
-from dalle2.diffusion import GaussianDiffusion, Generators, best_of, guided_sample, randn
+from dalle2.diffusion import GaussianDiffusion, Generators, Inpaint, best_of, guided_sample, randn
 from dalle2.networks import UNet
 from dalle2.prior import scale_embed
 
@@ -131,9 +131,11 @@ class DecoderStage(nn.Module):
         cfg: SampleConfig | None = None,
         generator: Generators = None,
         progress: bool = False,
+        inpaint: Inpaint | None = None,
     ) -> Tensor:
         """(B, 3, S, S) images in [-1, 1]; `lowres` (B, 3, s, s) in [-1, 1] for upsamplers.
-        Without text a text-reading stage draws from the image embedding alone."""
+        Without text a text-reading stage draws from the image embedding alone. With
+        `inpaint` (any size) the pixels it keeps stay and the rest is drawn."""
         cfg = cfg or self.cfg.sample
         b = image_embed.shape[0]
         size = self.cfg.image_size
@@ -165,6 +167,7 @@ class DecoderStage(nn.Module):
             learned_variance=self.cfg.unet.learned_variance,
             generator=generator,
             progress=progress,
+            inpaint=None if inpaint is None else inpaint.at(size),
         )
         return x.float().clamp(-1, 1)
 
@@ -192,6 +195,7 @@ class Decoder(nn.Module):
         progress: bool = False,
         text_embed: Tensor | None = None,
         encode_image: Callable[[Tensor], Tensor] | None = None,
+        inpaint: Inpaint | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(B, 3, H, W) images in [0, 1] drawn through the whole cascade, and the (B, E) image
         embedding each was drawn from.
@@ -201,7 +205,8 @@ class Decoder(nn.Module):
         passes on the one closest to its caption; without them every stage draws one.
         `image_embed` may hold n candidates per caption, (B, n, E) (the prior's own draws),
         for a first stage with best_of n: it then draws one image from each, so a caption
-        whose first embedding draws nothing still gets its other chances.
+        whose first embedding draws nothing still gets its other chances. With `inpaint`,
+        every stage keeps its pixels at its own size (an edit).
         """
         cfgs = list(cfgs) if cfgs is not None else [None] * len(self.stages)
         rank = text_embed is not None and encode_image is not None
@@ -225,6 +230,7 @@ class Decoder(nn.Module):
                 cfg=cfg,
                 generator=generator,
                 progress=progress,
+                inpaint=None if inpaint is None else _repeat_inpaint(inpaint, n),
             )
             if n > 1:
                 found = encode_image((drawn + 1) / 2)
@@ -233,6 +239,12 @@ class Decoder(nn.Module):
                 embed = drawn_from.view(-1, n, drawn_from.shape[-1])[rows, pick]
             images = drawn
         return (images + 1) / 2, embed
+
+
+def _repeat_inpaint(inpaint: Inpaint, n: int) -> Inpaint:
+    if n == 1:
+        return inpaint
+    return Inpaint(_repeat(inpaint.known, n), _repeat(inpaint.keep, n), inpaint.resample)
 
 
 def _repeat(x: Tensor | None, n: int) -> Tensor | None:

@@ -3,6 +3,9 @@
     unclip = UnCLIP.load("models/")  # a run's models/ folder; edges resolve runs and URIs
     drawn = unclip.generate(["a large red circle on a white background"], seeds=[0])
     variations = unclip.vary(drawn.images, num=4)
+    edited = unclip.edit(drawn.images, masks, ["a small blue square on a white background"])
+    row = unclip.interpolate(image_a, image_b, num=8)
+    moved = unclip.textdiff(image, "a red circle", "a blue circle", num=5)
 
 The CLI, the served model, the evaluate step and the benchmarks all draw through it, so a
 prompt, seed and model give the same image whichever of them asks.
@@ -16,12 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dalle2.config import SampleConfig
 from dalle2.decoder import Decoder
 from dalle2.device import autocast, autocast_dtype
+from dalle2.diffusion import Inpaint
 from dalle2.models import (
     ModelArtifact,
     check_complete,
@@ -133,7 +138,7 @@ class UnCLIP(nn.Module):
         device = self.device
         shared = torch.Generator(device=device).manual_seed(seed)
         dtype = autocast_dtype(device, "auto")
-        with_tokens = self.prior.cfg.use_text_tokens or self.decoder.reads_text
+        with_tokens = self._reads_tokens
         n = self.decoder.stages[0].cfg.best_of
         out_images, out_embeds = [], []
         chunks = range(0, len(prompts), batch_size)
@@ -191,6 +196,122 @@ class UnCLIP(nn.Module):
             _check_finite(drawn, embed, f"images {start}..{start + len(embed) - 1}")
             out.append(drawn.cpu())
         return torch.cat(out)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Tensor,
+        masks: Tensor,
+        prompts: Sequence[str] | None = None,
+        *,
+        references: Tensor | None = None,
+        seed: int = 0,
+        resample: int = 4,
+        progress: bool = False,
+    ) -> Tensor:
+        """`images` (B, 3, H, W) in [0, 1] redrawn where `masks` (B, 1, H, W) is 1, kept where
+        it is 0, through every decoder stage (RePaint with `resample` passes a step). What is
+        drawn comes from `prompts` (through the prior) or from the CLIP embeddings of
+        `references` (B, 3, h, w) in [0, 1]. Returns (B, 3, S, S) at the cascade's size: the
+        kept pixels are the input's, resized to S."""
+        if (prompts is None) == (references is None):
+            raise ValueError("edit with prompts or with reference images, one of the two")
+        self.eval()
+        device, size = self.device, self.decoder.stages[-1].cfg.image_size
+        gen = torch.Generator(device=device).manual_seed(seed)
+        known = _resize(images.to(device), size) * 2 - 1
+        keep = (_resize(masks.float().to(device), size, nearest=True) < 0.5).float()
+        tokens = mask = None
+        if prompts is not None:
+            enc = self.clip.encode_text(list(prompts), with_tokens=self._reads_tokens)
+            tokens = None if enc.tokens is None else enc.tokens.float()
+            mask = enc.mask
+            embed = self.prior.sample(enc.embed.float(), tokens, mask, generator=gen)
+        else:
+            embed = self.clip.encode_image(references.to(device)).float()
+        drawn, _ = self.decoder.sample(
+            embed,
+            tokens,
+            mask,
+            generator=gen,
+            progress=progress,
+            inpaint=Inpaint(known, keep, resample),
+        )
+        _check_finite(drawn, embed, f"images 0..{len(drawn) - 1}")
+        return drawn.cpu()
+
+    @torch.no_grad()
+    def interpolate(self, a: Tensor, b: Tensor, *, num: int = 8, seed: int = 0) -> Tensor:
+        """`num` images (num, 3, S, S) in [0, 1] decoded from a spherical interpolation of the
+        CLIP image embeddings of `a` and `b` ((3, h, w) in [0, 1]), every one from the same
+        noise (DALL-E 2, section 3.2): the ends are `vary`'s images of a and b for `seed`."""
+        if num < 2:
+            raise ValueError("an interpolation needs at least its two ends (num >= 2)")
+        ea, eb = (self.clip.encode_image(x[None].to(self.device)).float() for x in (a, b))
+        t = torch.linspace(0, 1, num, device=self.device)
+        embeds = slerp(ea[0], eb[0], t)
+        embeds[0], embeds[-1] = ea[0], eb[0]  # the ends exactly as vary embeds them
+        return self._decode_fixed_noise(embeds, seed)
+
+    @torch.no_grad()
+    def textdiff(
+        self,
+        image: Tensor,
+        source: str,
+        target: str,
+        *,
+        num: int = 5,
+        max_angle: float = 0.5,
+        seed: int = 0,
+    ) -> Tensor:
+        """`num` images (num, 3, S, S) in [0, 1] moving `image` ((3, h, w) in [0, 1]) along the
+        difference of two captions' CLIP text embeddings (DALL-E 2, section 3.3): its image
+        embedding slerped towards normalise(text(target) - text(source)) by 0..max_angle,
+        every one from the same noise; the first is `vary`'s image for `seed`."""
+        if num < 2:
+            raise ValueError("a text diff needs at least the image and one step (num >= 2)")
+        z = self.clip.encode_image(image[None].to(self.device)).float()
+        text = self.clip.encode_text([source, target]).embed.float()
+        direction = F.normalize(text[1] - text[0], dim=-1)
+        t = torch.linspace(0, max_angle, num, device=self.device)
+        embeds = slerp(z[0], direction, t)
+        embeds[0] = z[0]
+        return self._decode_fixed_noise(embeds, seed)
+
+    @property
+    def _reads_tokens(self) -> bool:
+        return self.prior.cfg.use_text_tokens or self.decoder.reads_text
+
+    def _decode_fixed_noise(self, embeds: Tensor, seed: int) -> Tensor:
+        """Each embedding's image from the same noise: one generator per row, all seeded
+        alike (a row draws the noise `vary` draws alone for that seed)."""
+        self.eval()
+        gens = [torch.Generator(device=self.device).manual_seed(seed) for _ in embeds]
+        drawn = self.decoder.sample(embeds, generator=gens)[0]
+        _check_finite(drawn, embeds, f"images 0..{len(drawn) - 1}")
+        return drawn.cpu()
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation (N, E) of the unit directions of a and b (E,) at fractions t
+    (N,); linear where the two are (anti)parallel."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    omega = torch.arccos((a * b).sum().clamp(-1, 1))
+    if float(torch.sin(omega)) < 1e-6:
+        return F.normalize(torch.lerp(a[None], b[None], t[:, None]), dim=-1)
+    w_a = torch.sin((1 - t) * omega) / torch.sin(omega)
+    w_b = torch.sin(t * omega) / torch.sin(omega)
+    return w_a[:, None] * a + w_b[:, None] * b
+
+
+def _resize(images: Tensor, size: int, nearest: bool = False) -> Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.float()
+    if nearest:
+        return F.interpolate(images.float(), size=(size, size), mode="nearest")
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True).clamp(
+        0, 1
+    )
 
 
 def _check_finite(images: Tensor, embed: Tensor, rows: str) -> None:

@@ -330,3 +330,52 @@ def test_the_readme_python_api_runs_as_written(
     assert scope["drawn"].images.shape == (1, 3, 32, 32)  # the tiny champion draws 32 px
     assert scope["variations"].shape == (4, 3, 32, 32)
     assert 0 <= float(scope["variations"].min()) <= float(scope["variations"].max()) <= 1
+
+
+def b64png(pixels: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_served_edit_interpolate_and_textdiff(server: str) -> None:
+    """The CLI's edit, interpolate and textdiff as an `operation` of a request."""
+    rng = np.random.default_rng(0)
+    a, b = (b64png(rng.integers(0, 256, (32, 32, 3))) for _ in range(2))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    edit = {"prompt": PROMPT, "image": a, "mask": b64png(mask), "seed": 1}
+    status, reply = post(server, {"dataframe_records": [edit], "params": {"operation": "edit"}})
+    assert status == 200, reply
+    edited = np.asarray(png(reply["predictions"][0]["image"]), np.int16)
+    source = np.asarray(png(a), np.int16)
+    assert np.abs(edited - source)[mask == 0].max() <= 1, "kept pixels stay"
+    assert np.abs(edited - source)[mask == 255].mean() > 5, "the masked region is redrawn"
+    body = {"dataframe_records": [{"image": a, "image_b": b, "seed": 2}]}
+    body["params"] = {"operation": "interpolate", "num": 4}
+    status, reply = post(server, body)
+    assert status == 200 and len(reply["predictions"]) == 4, reply
+    row = {"image": a, "source_prompt": PROMPT, "prompt": "a small blue square", "seed": 2}
+    status, reply = post(server, {"dataframe_records": [row], "params": {"operation": "textdiff"}})
+    assert status == 200 and len(reply["predictions"]) == 5, reply
+
+
+def test_served_edits_refuse_bad_images_in_one_sentence(server: str) -> None:
+    image = b64png(np.zeros((32, 32, 3)))
+    masks = {
+        "a mask of another size": (b64png(np.full((16, 16), 255)), "of the image's size"),
+        "a grey mask": (b64png(np.full((32, 32), 128)), "is not binary"),
+        "an empty mask": (b64png(np.zeros((32, 32))), "marks no pixel to redraw"),
+        "no PNG": (base64.b64encode(b"not a png").decode(), "cannot be read as an image"),
+    }
+    for name, (mask, words) in masks.items():
+        row = {"prompt": PROMPT, "image": image, "mask": mask}
+        status, reply = post(server, {"dataframe_records": [row], "params": {"operation": "edit"}})
+        reason = reply.get("message", "").rsplit("\nError: ", 1)[-1]
+        assert status == 400 and words in reason and "\n" not in reason, (name, reply)
+    body = {"dataframe_records": [{"image": image}], "params": {"operation": "interpolate"}}
+    status, reply = post(server, body)
+    assert status == 400 and "image_b" in reply["message"], reply
+    body["params"] = {"operation": "paint"}
+    status, reply = post(server, body)
+    assert status == 400 and "operation must be one of" in reply["message"], reply

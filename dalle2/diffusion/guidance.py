@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dalle2.config import SampleConfig
 from dalle2.diffusion.process import GaussianDiffusion, ModelFn
-from dalle2.diffusion.samplers import Clamp, Generators, randn, sample
+from dalle2.diffusion.samplers import Clamp, Generators, Inpaint, randn, sample
 
 
 def classifier_free_guidance(
@@ -52,10 +52,11 @@ def guided_sample(
     learned_variance: bool = False,
     generator: Generators = None,
     progress: bool = False,
+    inpaint: Inpaint | None = None,
 ) -> Tensor:
     """Draw `shape` from fresh noise with `cfg`'s sampler, steps and guidance scale (the
     unconditional model runs only when guidance is not 1). `clamp` overrides cfg.clamp:
-    embeddings are never clamped."""
+    embeddings are never clamped. `inpaint` keeps part of a known image (RePaint)."""
     model = classifier_free_guidance(
         cond, uncond, cfg.guidance_scale, learned_variance=learned_variance
     )
@@ -69,6 +70,7 @@ def guided_sample(
         clamp=cfg.clamp if clamp is None else clamp,
         generator=generator,
         progress=progress,
+        inpaint=inpaint,
     )
 
 

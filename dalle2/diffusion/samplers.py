@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dalle2.diffusion.process import GaussianDiffusion, ModelFn
@@ -170,6 +172,59 @@ def sample_dpmpp_2m(
     return x
 
 
+@dataclass(frozen=True)
+class Inpaint:
+    """What an edit keeps: `known` (B, 3, S, S) in [-1, 1] and `keep` (B, 1, S, S), 1 where
+    the known pixels stay and 0 where the model draws; `resample` times each step is taken
+    (RePaint's r)."""
+
+    known: torch.Tensor
+    keep: torch.Tensor
+    resample: int = 4
+
+    def at(self, size: int) -> Inpaint:
+        """At another resolution: a pixel is kept only where all it covers is kept, so the
+        region drawn never shrinks below the mask."""
+        if self.known.shape[-1] == size:
+            return self
+        known = F.interpolate(self.known.float(), size=size, mode="bilinear", antialias=True)
+        keep = F.interpolate(self.keep.float(), size=size, mode="area") > 1 - 1e-4
+        return Inpaint(known, keep.to(self.keep.dtype), self.resample)
+
+
+@torch.no_grad()
+def sample_repaint(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    noise: torch.Tensor,
+    inpaint: Inpaint,
+    *,
+    clamp: Clamp = "none",
+    generator: Generators = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Inpainting on DDIM steps (RePaint, Lugmayr et al. 2022): after each step the kept pixels
+    are the known image noised to the step's level and the rest is the model's; each step is
+    taken `resample` times, noised back up one step in between, so the drawn region settles
+    against what is kept. The last step leaves the known pixels exactly as given."""
+    known, keep = inpaint.known.to(noise.dtype), inpaint.keep.to(noise.dtype)
+    x = noise
+    for i in _indices(process, progress, "repaint"):
+        a, a_prev = float(process.alphas_cumprod[i]), float(process.alphas_cumprod_prev[i])
+        for r in range(inpaint.resample):
+            x0, eps, _ = _denoise(model, process, x, i, clamp)
+            drawn = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+            kept = known
+            if i > 0:
+                kept = math.sqrt(a_prev) * known + math.sqrt(1 - a_prev) * _randn(known, generator)
+            x_prev = keep * kept + (1 - keep) * drawn
+            if i > 0 and r + 1 < inpaint.resample:  # back up: x_i ~ q(x_i | x_{i-1})
+                up = a / a_prev
+                x = math.sqrt(up) * x_prev + math.sqrt(1 - up) * _randn(x_prev, generator)
+        x = x_prev
+    return x
+
+
 def sample(
     model: ModelFn,
     process: GaussianDiffusion,
@@ -182,12 +237,18 @@ def sample(
     generator: Generators = None,
     progress: bool = False,
     callback: Callback | None = None,
+    inpaint: Inpaint | None = None,
 ) -> torch.Tensor:
-    """Respace `process` to `steps` (None keeps all) and run the named sampler from `noise`."""
+    """Respace `process` to `steps` (None keeps all) and run the named sampler from `noise`;
+    with `inpaint`, RePaint on the same steps whatever the sampler."""
     if sampler not in ("ddpm", "ddim", "dpmpp_2m"):
         raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm', 'ddim' or 'dpmpp_2m'")
     if steps is not None:
         process = process.respace(steps)
+    if inpaint is not None:
+        return sample_repaint(
+            model, process, noise, inpaint, clamp=clamp, generator=generator, progress=progress
+        )
     common = {"clamp": clamp, "progress": progress, "callback": callback}
     if sampler == "ddpm":
         return sample_ddpm(model, process, noise, generator=generator, **common)

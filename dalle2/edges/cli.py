@@ -3,6 +3,9 @@
     dalle2 generate "a large red circle on a white background" --run latest --out generated/
     dalle2 generate "a small blue square on a black background" --model models:/unclip@champion
     dalle2 vary photo.png --model models:/unclip@champion --num 4 --out variations/
+    dalle2 edit photo.png --mask mask.png "a small blue square" --model models:/unclip@champion
+    dalle2 interpolate a.png b.png --num 8 --model models:/unclip@champion
+    dalle2 textdiff photo.png --from "a red circle" --to "a blue circle" --num 5
     dalle2 check-config zenml_config.yaml
     dalle2 reproduce latest
 
@@ -57,6 +60,12 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: this project's)")
 
 
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -90,20 +99,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(rows)} images and {out / 'prompts.csv'}")
 
 
-def _read_image(path: Path, size: int):
-    """An image file as (3, size, size) floats in [0, 1], centre-cropped to a square."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _write_images(images, out: Path, what: str) -> None:
+    """PNGs out/0000.png, 0001.png, ... of (N, 3, H, W) images in [0, 1]."""
+    from PIL import Image
 
-    if not path.is_file():
-        raise UserError(f"image file {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            rgb = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError):
-        raise UserError(f"{path} is not an image file that can be read") from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
+    from dalle2.evaluation import to_uint8
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(to_uint8(images)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / f"{i:04d}.png")
+    print(f"wrote {len(images)} {what} to {out}/")
 
 
 def cmd_vary(args: argparse.Namespace) -> None:
@@ -113,13 +118,14 @@ def cmd_vary(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image
 
+    from dalle2.edges.images import read_image
     from dalle2.evaluation import to_uint8
 
     if args.num < 1 or args.batch_size < 1:
         raise UserError("--num and --batch-size must be at least 1")
     unclip = _load(args)
     sources = [Path(p) for p in args.images]
-    inputs = torch.stack([_read_image(p, unclip.image_size) for p in sources])
+    inputs = torch.stack([read_image(p, unclip.image_size, f"image file {p}") for p in sources])
     images = unclip.vary(
         inputs, num=args.num, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet
     )
@@ -133,6 +139,65 @@ def cmd_vary(args: argparse.Namespace) -> None:
         rows.append({"source": str(sources[i]), "image": str(path)})
     pd.DataFrame(rows, columns=["source", "image"]).to_csv(out / "variations.csv", index=False)
     print(f"wrote {len(rows)} images and {out / 'variations.csv'}")
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    """Redraw the white region of --mask in IMAGE from a prompt (through the prior) or from
+    --reference's CLIP embedding; the black region keeps its pixels."""
+    from dalle2.edges.images import read_image, read_mask
+
+    if (args.prompt is None) == (args.reference is None):
+        raise UserError("give a prompt or --reference IMAGE, one of the two")
+    if args.num < 1 or args.resample < 1:
+        raise UserError("--num and --resample must be at least 1")
+    unclip = _load(args)
+    size = unclip.decoder.stages[-1].cfg.image_size
+    source, mask_file = Path(args.image), Path(args.mask)
+    image = read_image(source, size, f"image file {source}")
+    mask = read_mask(mask_file, source, size, f"mask file {mask_file}", f"image file {source}")
+    references = None
+    if args.reference:
+        ref = Path(args.reference)
+        references = read_image(ref, unclip.image_size, f"image file {ref}")[None]
+        references = references.repeat(args.num, 1, 1, 1)
+    prompts = None if args.prompt is None else [args.prompt] * args.num
+    edited = unclip.edit(
+        image[None].repeat(args.num, 1, 1, 1),
+        mask[None].repeat(args.num, 1, 1, 1),
+        prompts,
+        references=references,
+        seed=args.seed,
+        resample=args.resample,
+        progress=not args.quiet,
+    )
+    _write_images(edited, Path(args.out), "edits")
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    """A row of images between A and B: their CLIP image embeddings slerped, the noise fixed."""
+    from dalle2.edges.images import read_image
+
+    if args.num < 2:
+        raise UserError("--num must be at least 2 (the two ends)")
+    unclip = _load(args)
+    a, b = (read_image(Path(p), unclip.image_size, f"image file {p}") for p in (args.a, args.b))
+    _write_images(unclip.interpolate(a, b, num=args.num, seed=args.seed), Path(args.out), "images")
+
+
+def cmd_textdiff(args: argparse.Namespace) -> None:
+    """IMAGE moved along the difference of two captions' text embeddings, the noise fixed."""
+    from dalle2.edges.images import read_image
+
+    if args.num < 2:
+        raise UserError("--num must be at least 2 (the image and one step)")
+    if not 0 < args.max_angle <= 1:
+        raise UserError("--max-angle must be above 0 and at most 1")
+    unclip = _load(args)
+    image = read_image(Path(args.image), unclip.image_size, f"image file {args.image}")
+    frames = unclip.textdiff(
+        image, args.source, args.target, num=args.num, max_angle=args.max_angle, seed=args.seed
+    )
+    _write_images(frames, Path(args.out), "images")
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -177,6 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_vary)
+    e = sub.add_parser("edit", help="redraw a masked region of an image (inpainting)")
+    e.add_argument("image", help="the image to edit")
+    e.add_argument("prompt", nargs="?", help="what to draw in the masked region")
+    e.add_argument("--mask", required=True, help="same size as the image: white = redraw")
+    e.add_argument("--reference", help="draw this image's CLIP embedding instead of a prompt")
+    _add_model_source(e)
+    e.add_argument("--num", type=int, default=1, help="edits to draw (default: 1)")
+    e.add_argument("--resample", type=int, default=4, help="RePaint passes a step (default: 4)")
+    e.add_argument("--out", default="edits", help="output directory (default: edits)")
+    _add_sampling(e)
+    i = sub.add_parser("interpolate", help="images between two images (slerp of embeddings)")
+    i.add_argument("a", help="the first image")
+    i.add_argument("b", help="the last image")
+    _add_model_source(i)
+    i.add_argument("--num", type=int, default=8, help="images in the row (default: 8)")
+    i.add_argument("--out", default="interpolation", help="output directory")
+    _add_sampling(i)
+    t = sub.add_parser("textdiff", help="move an image along the difference of two captions")
+    t.add_argument("image", help="the image to move")
+    t.add_argument("--from", dest="source", required=True, help="a caption of the image")
+    t.add_argument("--to", dest="target", required=True, help="the caption to move towards")
+    _add_model_source(t)
+    t.add_argument("--num", type=int, default=5, help="images in the row (default: 5)")
+    t.add_argument("--max-angle", type=float, default=0.5, help="slerp fraction at the end")
+    t.add_argument("--out", default="textdiff", help="output directory")
+    _add_sampling(t)
+    e.set_defaults(func=cmd_edit)
+    i.set_defaults(func=cmd_interpolate)
+    t.set_defaults(func=cmd_textdiff)
     c = sub.add_parser("check-config", help="validate a pipeline config YAML")
     c.add_argument("path")
     c.set_defaults(func=cmd_check_config)
@@ -202,11 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dalle2.edges.images import ImageInputError
     from dalle2.edges.runs import SourceError
     from dalle2.edges.tracking.reproduce import ReproduceError
     from dalle2.models import ModelFileError
 
-    user_errors = (UserError, SourceError, ReproduceError, ConfigError, ModelFileError)
+    user_errors = (UserError, SourceError, ImageInputError, ReproduceError, ConfigError)
+    user_errors += (ModelFileError,)
     try:  # RuntimeError: dalle2.clip.ClipWeightsError among others
         code = args.func(args)
     except (*user_errors, FileNotFoundError, RuntimeError) as err:

@@ -36,14 +36,29 @@ MAX_PROMPTS = 32  # per request: the rows sample as one batch, and a request mus
 MAX_CHARS = 2000  # refused before tokenising, so a huge prompt costs nothing
 EXAMPLE_PROMPT = "a large red circle on a white background"
 
+OPERATIONS = ("generate", "edit", "interpolate", "textdiff")
+MAX_FRAMES = 16  # images an interpolation or text diff answers with
+MAX_IMAGE_CHARS = 8_000_000  # a base64 image field, refused before decoding
+
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(DataType.string, "prompt"), ColSpec(DataType.long, "seed", False)]),
+    inputs=Schema(
+        [
+            ColSpec(DataType.string, "prompt", False),  # generate, edit; textdiff's target
+            ColSpec(DataType.long, "seed", False),
+            ColSpec(DataType.string, "image", False),  # base64 PNG: edit, interpolate, textdiff
+            ColSpec(DataType.string, "mask", False),  # edit: white = redraw
+            ColSpec(DataType.string, "image_b", False),  # interpolate's end, edit's reference
+            ColSpec(DataType.string, "source_prompt", False),  # textdiff: the image's caption
+        ]
+    ),
     outputs=Schema([ColSpec(DataType.string, "image")]),
     # None keeps the base decoder stage's own sampling settings (its config in the model)
     params=ParamSchema(
         [
             ParamSpec("guidance_scale", DataType.double, None),
             ParamSpec("steps", DataType.long, None),
+            ParamSpec("operation", DataType.string, "generate"),
+            ParamSpec("num", DataType.long, None),  # interpolate (8), textdiff (5)
         ]
     ),
 )
@@ -109,9 +124,11 @@ class UnclipModel(PythonModel):
         self.unclip = UnCLIP.load(Path(context.artifacts[MODELS])).to(pick_device("auto"))
         self.context_length = int(self.unclip.clip.tokenizer.context_length)
 
-    def _check_prompts(self, model_input: Any) -> list[str]:
+    def _check_prompts(self, model_input: Any, operation: str = "generate") -> list[str]:
         if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input.columns:
-            raise bad_request("send a table with a `prompt` column of strings, one row per image")
+            raise bad_request(
+                f"send a table with a `prompt` column of strings for {operation}, one per row"
+            )
         prompts = list(model_input["prompt"])
         if not prompts:
             raise bad_request("send at least one prompt")
@@ -155,7 +172,8 @@ class UnclipModel(PythonModel):
         """Each decoder stage's SampleConfig, the base stage's with the request's params."""
         from dalle2.config import SampleConfig
 
-        params = {k: v for k, v in (params or {}).items() if v is not None}
+        sampling = ("guidance_scale", "steps")
+        params = {k: v for k, v in (params or {}).items() if k in sampling and v is not None}
         if not params:
             return None
         base = self.unclip.decoder.stages[0]
@@ -176,13 +194,128 @@ class UnclipModel(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """One base64 PNG per prompt; `guidance_scale` and `steps` set the base stage's
-        sampling (the upsamplers keep theirs)."""
+        """Base64 PNGs. `operation` (param, default generate): generate draws one image per
+        prompt, `guidance_scale` and `steps` setting the base stage's sampling (the upsamplers
+        keep theirs); edit redraws each row's `image` where its `mask` is white, from its
+        `prompt` or the `image_b` reference; interpolate answers `num` images between one
+        row's `image` and `image_b`; textdiff moves one row's `image` from `source_prompt`
+        towards `prompt` in `num` images. Every row draws from its own `seed`."""
+        operation = (params or {}).get("operation") or "generate"
+        if operation not in OPERATIONS:
+            known = ", ".join(OPERATIONS)
+            raise bad_request(f"operation must be one of {known}, not {operation!r}")
+        if operation != "generate":
+            job = self._check_job(operation, model_input, params or {})
+            return pd.DataFrame({"image": self.sampler.submit(self.apply, job).result()})
         prompts = self._check_prompts(model_input)
         seeds = self._check_seeds(model_input)
         cfgs = self._sample_cfgs(params)
         images = self.sampler.submit(self.draw, prompts, seeds, cfgs).result()
         return pd.DataFrame({"image": images})
+
+    def _image_field(self, frame: pd.DataFrame, column: str, row: int, op: str) -> bytes:
+        """A row's base64 image field as bytes, or a one-sentence refusal."""
+        value = frame[column].iloc[row] if column in frame.columns else None
+        if not isinstance(value, str) or not value:
+            raise bad_request(f"{op} needs a base64 PNG in `{column}` (row {row} has none)")
+        if len(value) > MAX_IMAGE_CHARS:
+            raise bad_request(f"`{column}` of row {row} is over {MAX_IMAGE_CHARS} characters")
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            raise bad_request(f"`{column}` of row {row} is not base64") from None
+
+    def _check_job(self, op: str, frame: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """Decode and check an edit, interpolation or text diff before any sampling."""
+        from dalle2.edges.images import ImageInputError, read_image, read_mask
+
+        if not isinstance(frame, pd.DataFrame) or frame.empty:
+            raise bad_request(f"send a table with one row per {op}")
+        rows = len(frame)
+        if op != "edit" and rows != 1:
+            raise bad_request(f"{op} takes one row (an image), not {rows}")
+        if rows > MAX_PROMPTS:
+            raise bad_request(f"send at most {MAX_PROMPTS} edits per request ({rows} were sent)")
+        num = params.get("num")
+        if op == "edit" and num is not None:
+            raise bad_request("edit draws one image a row; send more rows, not `num`")
+        num = {"interpolate": 8, "textdiff": 5}.get(op) if num is None else num
+        if op != "edit" and (not isinstance(num, numbers.Integral) or not 2 <= num <= MAX_FRAMES):
+            raise bad_request(f"num must be a whole number from 2 to {MAX_FRAMES}, not {num!r}")
+        unclip = self.unclip
+        size, clip_size = unclip.decoder.stages[-1].cfg.image_size, unclip.image_size
+        job: dict[str, Any] = {"op": op, "num": num, "seeds": self._check_seeds(frame)}
+        try:
+            image = [self._image_field(frame, "image", i, op) for i in range(rows)]
+            if op == "edit":
+                masks = [self._image_field(frame, "mask", i, op) for i in range(rows)]
+                job["images"] = [
+                    read_image(b, size, f"row {i}'s image") for i, b in enumerate(image)
+                ]
+                job["masks"] = [
+                    read_mask(m, b, size, f"row {i}'s mask", f"row {i}'s image")
+                    for i, (m, b) in enumerate(zip(masks, image, strict=True))
+                ]
+                if "prompt" in frame.columns and frame["prompt"].notna().all():
+                    job["prompts"] = self._check_prompts(frame, op)
+                elif "image_b" in frame.columns:
+                    refs = [self._image_field(frame, "image_b", i, op) for i in range(rows)]
+                    job["references"] = [
+                        read_image(b, clip_size, f"row {i}'s image_b") for i, b in enumerate(refs)
+                    ]
+                else:
+                    raise bad_request("edit needs a `prompt` or an `image_b` reference each row")
+            else:
+                job["image"] = read_image(image[0], clip_size, "the image")
+                if op == "interpolate":
+                    other = self._image_field(frame, "image_b", 0, op)
+                    job["image_b"] = read_image(other, clip_size, "image_b")
+                else:
+                    job["target"] = self._check_prompts(frame, op)[0]
+                    source = frame.get("source_prompt")
+                    if source is None or not isinstance(source.iloc[0], str):
+                        raise bad_request("textdiff needs the image's caption in `source_prompt`")
+                    job["source"] = self._check_prompts(
+                        pd.DataFrame({"prompt": [source.iloc[0]]}), op
+                    )[0]
+        except ImageInputError as err:
+            raise bad_request(str(err)) from None
+        return job
+
+    def apply(self, job: dict[str, Any]) -> list[str]:
+        """An edit, interpolation or text diff checked by _check_job, as PNGs; on the sampler
+        thread, like draw."""
+        import torch
+
+        from dalle2.evaluation import to_uint8
+
+        unclip, op, seeds = self.unclip, job["op"], job["seeds"]
+        try:
+            if op == "edit":
+                out = []
+                for i, seed in enumerate(seeds):
+                    prompts = [job["prompts"][i]] if "prompts" in job else None
+                    refs = job["references"][i][None] if "references" in job else None
+                    edited = unclip.edit(
+                        job["images"][i][None],
+                        job["masks"][i][None],
+                        prompts,
+                        references=refs,
+                        seed=seed,
+                    )
+                    out.append(edited)
+                images = torch.cat(out)
+            elif op == "interpolate":
+                images = unclip.interpolate(
+                    job["image"], job["image_b"], num=job["num"], seed=seeds[0]
+                )
+            else:
+                images = unclip.textdiff(
+                    job["image"], job["source"], job["target"], num=job["num"], seed=seeds[0]
+                )
+        except self.non_finite as err:
+            raise MlflowException(str(err), error_code=INTERNAL_ERROR) from None
+        return [png_base64(image.permute(1, 2, 0)) for image in to_uint8(images)]
 
     def draw(
         self, prompts: list[str], seeds: list[int], cfgs: list[Any] | None = None
