@@ -34,9 +34,11 @@ def row(paths: list[Path], label: str) -> Image.Image:
     images = [Image.open(p).convert("RGB") for p in paths]
     side = images[0].width * SCALE
     canvas = Image.new("RGB", (side * len(images), side + 18), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, im in enumerate(images):
         canvas.paste(im.resize((side, side), Image.Resampling.NEAREST), (i * side, 18))
-    ImageDraw.Draw(canvas).text((4, 3), label, fill="black")
+        draw.rectangle((i * side, 18, (i + 1) * side - 1, side + 17), outline="gray")
+    draw.text((4, 3), label, fill="black")
     return canvas
 
 
@@ -49,6 +51,14 @@ def main() -> None:
     p.add_argument("--edit", required=True, help="what to draw in the first image's mask")
     p.add_argument("--source", required=True, help="textdiff --from")
     p.add_argument("--target", required=True, help="textdiff --to")
+    p.add_argument(
+        "--mask-box",
+        type=float,
+        nargs=4,
+        default=[0, 0.5, 1, 1],
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="the region redrawn, in fractions of the side (default: the lower half)",
+    )
     args = p.parse_args()
     model = ["--model", args.model, "--quiet", "--device", "cpu"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +67,8 @@ def main() -> None:
         a, b = t / "gen" / "0000.png", t / "gen" / "0001.png"
         size = Image.open(a).width
         mask = np.zeros((size, size), np.uint8)
-        mask[size // 2 :, :] = 255  # the lower half is redrawn
+        x0, y0, x1, y1 = (round(f * size) for f in args.mask_box)
+        mask[y0:y1, x0:x1] = 255  # white: redrawn
         Image.fromarray(mask).save(t / "mask.png")
         edit = ["edit", str(a), args.edit, "--mask", str(t / "mask.png"), "--num", "3"]
         commands.append(run([*edit, "--out", str(t / "edit"), *model]))
