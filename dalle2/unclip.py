@@ -41,7 +41,7 @@ from dalle2.models import (
 from dalle2.prior import DiffusionPrior
 
 if TYPE_CHECKING:  # open_clip takes seconds to import: only loading a CLIP pays for it
-    from dalle2.clip import OpenClip
+    from dalle2.clip import OpenClip, TextEncoding
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -107,6 +107,11 @@ class UnCLIP(nn.Module):
         return self.clip.device
 
     @property
+    def output_size(self) -> int:
+        """The side of the images the cascade draws (its last stage's)."""
+        return int(self.decoder.stages[-1].cfg.image_size)
+
+    @property
     def image_size(self) -> int:
         """The side of the images CLIP reads (`vary`'s inputs are resized to it)."""
         return int(self.clip.image_size)
@@ -138,7 +143,6 @@ class UnCLIP(nn.Module):
         device = self.device
         shared = torch.Generator(device=device).manual_seed(seed)
         dtype = autocast_dtype(device, "auto")
-        with_tokens = self._reads_tokens
         n = self.decoder.stages[0].cfg.best_of
         out_images, out_embeds = [], []
         chunks = range(0, len(prompts), batch_size)
@@ -148,8 +152,7 @@ class UnCLIP(nn.Module):
             if seeds is not None:
                 rows = seeds[start : start + batch_size]
                 gen = [torch.Generator(device=device).manual_seed(int(s)) for s in rows]
-            enc = self.clip.encode_text(caps, with_tokens=with_tokens)
-            tokens = None if enc.tokens is None else enc.tokens.float()
+            enc, tokens = self._encode(caps)
             with autocast(device, dtype):
                 embed = self.prior.sample(
                     enc.embed.float().repeat_interleave(n, 0),
@@ -217,26 +220,26 @@ class UnCLIP(nn.Module):
         if (prompts is None) == (references is None):
             raise ValueError("edit with prompts or with reference images, one of the two")
         self.eval()
-        device, size = self.device, self.decoder.stages[-1].cfg.image_size
+        device, size = self.device, self.output_size
         gen = torch.Generator(device=device).manual_seed(seed)
         known = _resize(images.to(device), size) * 2 - 1
         keep = (_resize(masks.float().to(device), size, nearest=True) < 0.5).float()
         tokens = mask = None
-        if prompts is not None:
-            enc = self.clip.encode_text(list(prompts), with_tokens=self._reads_tokens)
-            tokens = None if enc.tokens is None else enc.tokens.float()
-            mask = enc.mask
-            embed = self.prior.sample(enc.embed.float(), tokens, mask, generator=gen)
-        else:
-            embed = self.clip.encode_image(references.to(device)).float()
-        drawn, _ = self.decoder.sample(
-            embed,
-            tokens,
-            mask,
-            generator=gen,
-            progress=progress,
-            inpaint=Inpaint(known, keep, resample),
-        )
+        with autocast(device, autocast_dtype(device, "auto")):  # as generate samples
+            if prompts is not None:
+                enc, tokens = self._encode(list(prompts))
+                mask = enc.mask
+                embed = self.prior.sample(enc.embed.float(), tokens, mask, generator=gen)
+            else:
+                embed = self.clip.encode_image(references.to(device)).float()
+            drawn, _ = self.decoder.sample(
+                embed,
+                tokens,
+                mask,
+                generator=gen,
+                progress=progress,
+                inpaint=Inpaint(known, keep, resample),
+            )
         _check_finite(drawn, embed, f"images 0..{len(drawn) - 1}")
         return drawn.cpu()
 
@@ -278,9 +281,12 @@ class UnCLIP(nn.Module):
         embeds[0] = z[0]
         return self._decode_fixed_noise(embeds, seed)
 
-    @property
-    def _reads_tokens(self) -> bool:
-        return self.prior.cfg.use_text_tokens or self.decoder.reads_text
+    def _encode(self, prompts: list[str]) -> tuple[TextEncoding, Tensor | None]:
+        """CLIP's encoding of prompts, with the caption tokens (as float) where the prior or
+        a unet reads them."""
+        reads = self.prior.cfg.use_text_tokens or self.decoder.reads_text
+        enc = self.clip.encode_text(prompts, with_tokens=reads)
+        return enc, None if enc.tokens is None else enc.tokens.float()
 
     def _decode_fixed_noise(self, embeds: Tensor, seed: int) -> Tensor:
         """Each embedding's image from the same noise: one generator per row, all seeded

@@ -151,7 +151,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if args.num < 1 or args.resample < 1:
         raise UserError("--num and --resample must be at least 1")
     unclip = _load(args)
-    size = unclip.decoder.stages[-1].cfg.image_size
+    size = unclip.output_size
     source, mask_file = Path(args.image), Path(args.mask)
     image = read_image(source, size, f"image file {source}")
     mask = read_mask(mask_file, source, size, f"mask file {mask_file}", f"image file {source}")

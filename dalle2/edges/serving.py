@@ -243,7 +243,7 @@ class UnclipModel(PythonModel):
         if op != "edit" and (not isinstance(num, numbers.Integral) or not 2 <= num <= MAX_FRAMES):
             raise bad_request(f"num must be a whole number from 2 to {MAX_FRAMES}, not {num!r}")
         unclip = self.unclip
-        size, clip_size = unclip.decoder.stages[-1].cfg.image_size, unclip.image_size
+        size, clip_size = unclip.output_size, unclip.image_size
         job: dict[str, Any] = {"op": op, "num": num, "seeds": self._check_seeds(frame)}
         try:
             image = [self._image_field(frame, "image", i, op) for i in range(rows)]
